@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Generate images with a trained Wuerstchen prior LoRA: prior + LoRA -> decoder -> PNG files.
+
+    python infer.py --checkpoint out --prompt "yoda pokemon"
+    python infer.py --checkpoint out/checkpoint-500 --prompt "yoda pokemon" --num_images 4 --output yoda.png
+
+The base prior and decoder come from the `training_info.json` that training wrote beside the LoRA
+file (else the hub defaults); `--prior_model`/`--decoder_model` override them.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+from wuerstchen_models import (
+    DEFAULT_DECODER,
+    DEFAULT_PRIOR,
+    LORA_WEIGHTS_NAME,
+    UserError,
+    build_prior_pipeline,
+    generate_images,
+    load_decoder_pipeline,
+    load_lora_checked,
+    load_prior_components,
+    quiet_library_logs,
+    read_training_info,
+    save_png,
+    use_sdpa_attention,
+)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--checkpoint", required=True, help="training output folder, a checkpoint-N folder, or the .safetensors file")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative_prompt", default=None)
+    p.add_argument("--num_images", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=1024, help="output height in px (multiple of 128)")
+    p.add_argument("--width", type=int, default=1024, help="output width in px (multiple of 128)")
+    p.add_argument("--prior_guidance_scale", type=float, default=4.0)
+    p.add_argument("--decoder_steps", type=int, default=12)
+    p.add_argument("--decoder_guidance_scale", type=float, default=0.0)
+    p.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA; 0 gives the base model")
+    p.add_argument("--fuse_lora", action="store_true", help="merge the LoRA into the prior weights (same images, no extra latency)")
+    p.add_argument("--prior_model", default=None, help="default: the base model the LoRA was trained on, else " + DEFAULT_PRIOR)
+    p.add_argument("--decoder_model", default=None, help="default: the training metadata's decoder, else " + DEFAULT_DECODER)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--output", default="demo.png", help="PNG path; several images get -0, -1, ... before the suffix")
+    args = p.parse_args(argv)
+    if args.num_images <= 0 or args.decoder_steps <= 0:
+        raise UserError("--num_images and --decoder_steps must be positive")
+    for side in ("height", "width"):
+        value = getattr(args, side)
+        rounded = max(128, round(value / 128) * 128)
+        if value != rounded:
+            print(f"note: --{side} {value} is not a multiple of 128; using {rounded}", file=sys.stderr)
+            setattr(args, side, rounded)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    return args
+
+
+def resolve_lora_path(checkpoint):
+    if os.path.isdir(checkpoint):
+        path = os.path.join(checkpoint, LORA_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise UserError(f"--checkpoint {checkpoint}: no {LORA_WEIGHTS_NAME} in this folder; give a training output or checkpoint-N folder")
+        return path
+    if not os.path.isfile(checkpoint):
+        raise UserError(f"--checkpoint {checkpoint}: no such file or folder")
+    return checkpoint
+
+
+def output_paths(output, n):
+    if n == 1:
+        return [output]
+    stem, ext = os.path.splitext(output)
+    return [f"{stem}-{i}{ext or '.png'}" for i in range(n)]
+
+
+def load_pipelines(args, lora_path):
+    """Prior pipeline with the LoRA loaded (checked) and scaled or fused, and the decoder pipeline."""
+    info = read_training_info(lora_path) or {}
+    dtype = DTYPES[args.dtype]
+    prior_model = args.prior_model or info.get("base_model") or DEFAULT_PRIOR
+    decoder_model = args.decoder_model or info.get("decoder_model") or DEFAULT_DECODER
+    prior, text_encoder, tokenizer, scheduler = load_prior_components(prior_model, None if args.prior_model else info.get("revision"))
+    use_sdpa_attention(prior)
+    prior_pipeline = build_prior_pipeline(prior, text_encoder, tokenizer, scheduler).to(args.device, dtype=dtype)
+    load_lora_checked(prior_pipeline, lora_path, adapter_name="lora")
+    if args.fuse_lora:
+        prior_pipeline.fuse_lora(components=["prior"], lora_scale=args.lora_scale)
+    elif args.lora_scale != 1.0:
+        prior_pipeline.set_adapters(["lora"], adapter_weights=[args.lora_scale])
+    prior_pipeline.set_progress_bar_config(disable=True)
+    decoder_pipeline = load_decoder_pipeline(decoder_model, dtype=dtype, device=args.device)
+    return prior_pipeline, decoder_pipeline
+
+
+def run(args):
+    quiet_library_logs()
+    lora_path = resolve_lora_path(args.checkpoint)
+    prior_pipeline, decoder_pipeline = load_pipelines(args, lora_path)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    images = generate_images(
+        prior_pipeline,
+        decoder_pipeline,
+        [args.prompt],
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=args.num_images,
+        prior_guidance_scale=args.prior_guidance_scale,
+        decoder_steps=args.decoder_steps,
+        decoder_guidance_scale=args.decoder_guidance_scale,
+        generator=generator,
+    )
+    paths = output_paths(args.output, len(images))
+    for image, path in zip(images, paths):
+        save_png(image, path)
+        print(path)
+    return paths
+
+
+def main(argv=None):
+    try:
+        run(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,639 @@
+#!/usr/bin/env python
+"""Train a LoRA adapter on the Wuerstchen v2 prior (Stage C) and write `pytorch_lora_weights.safetensors`.
+
+One GPU:
+    accelerate launch train_wuerstchen_prior_lora.py --dataset lambdalabs/naruto-blip-captions \
+        --output_dir out --train_batch_size 8 --random_flip --mixed_precision bf16
+Several GPUs (same script, accelerate does the distribution):
+    accelerate launch --multi_gpu --num_processes 4 train_wuerstchen_prior_lora.py --dataset DATA --output_dir out
+Tiny offline CPU run on random models (what `make demo` does):
+    python tools/make_tiny_models.py /tmp/tiny && python train_wuerstchen_prior_lora.py \
+        --pretrained_prior_model_name_or_path /tmp/tiny/prior_repo --image_encoder /tmp/tiny/effnet.safetensors \
+        --dataset /tmp/tiny/data --resolution 64 --max_train_steps 10 --output_dir /tmp/tiny/out
+
+The output folder then holds the LoRA file (diffusers' `load_lora_weights` reads it), a model card,
+`training_info.json` (what infer.py needs) and `args.json`; `checkpoint-N/` folders resume a run.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from wuerstchen_models import (
+    DEFAULT_DECODER,
+    DEFAULT_LORA_TARGETS,
+    DEFAULT_PRIOR,
+    EMBEDDING_SCALE,
+    EMBEDDING_SHIFT,
+    LORA_WEIGHTS_NAME,
+    TRAINING_INFO_NAME,
+    UserError,
+    atomic_write_bytes,
+    atomic_write_json,
+    build_prior_pipeline,
+    generate_images,
+    output_size_for_training_resolution,
+    quiet_library_logs,
+    save_lora_file,
+    save_png,
+)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE_NAME = "trainer_state.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_prior_model_name_or_path", default=DEFAULT_PRIOR, help="hub id or local folder laid out like warp-ai/wuerstchen-prior")
+    g.add_argument("--revision", default=None, help="hub revision of the prior repo")
+    g.add_argument("--image_encoder", default=None, help="EfficientNet weights: .pt/.pth (Stage-B checkpoint or bare state dict) or .safetensors; default: model_v2_stage_b.pt from dome272/wuerstchen")
+    g.add_argument("--pretrained_decoder_model_name_or_path", default=DEFAULT_DECODER, help="decoder repo, only used for validation images")
+
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--lora_target_modules", default=",".join(DEFAULT_LORA_TARGETS), help="comma-separated module names in the prior's attention blocks")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", "--dataset_name", "--train_data_dir", dest="dataset", default=None, help="hub dataset, local folder (imagefolder or images + .txt captions) or .jsonl/.csv/.parquet file")
+    g.add_argument("--image_column", default=None, help="default: detected")
+    g.add_argument("--caption_column", default=None, help="default: detected")
+    g.add_argument("--max_train_samples", type=int, default=None, help="use only this many samples (shuffled with --seed)")
+    g.add_argument("--cache_dir", default=None, help="where datasets and models downloaded from the hub are stored")
+    g.add_argument("--resolution", type=int, default=768, help="training size in px; 768 matches 1024 px output (REFERENCE: stride 32 vs 42.67)")
+    crop = g.add_mutually_exclusive_group()
+    crop.add_argument("--center_crop", dest="center_crop", action="store_true", help="crop the centre square")
+    crop.add_argument("--random_crop", dest="center_crop", action="store_false", help="crop a random square (default)")
+    g.add_argument("--random_flip", action="store_true", help="flip horizontally with probability 0.5")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--seed", type=int, default=42, help="seed for data order, augmentation, noise and timesteps")
+    g.add_argument("--train_batch_size", type=int, default=1, help="per process")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None, help="optimiser steps; overrides --num_train_epochs")
+    g.add_argument("--num_train_epochs", type=int, default=1)
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 = off")
+    g.add_argument("--lr_scheduler", default="constant", choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: the accelerate config, else fp16 on CUDA; always fp32 on a CPU")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in the backward pass: less memory, about 30%% slower")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
+
+    g = p.add_argument_group("checkpoints and output")
+    g.add_argument("--output_dir", default="wuerstchen-prior-lora")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps; 0 = never")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
+    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N folder, or 'latest' in --output_dir")
+
+    g = p.add_argument_group("validation and logging")
+    g.add_argument("--validation_prompts", nargs="+", default=None, help="prompts rendered with the LoRA attached")
+    g.add_argument("--validation_steps", type=int, default=100, help="render the validation prompts every N steps (and at the end)")
+    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
+    g.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
+
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Cross-flag checks, before anything heavy is loaded."""
+    positive = ["rank", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "resolution"]
+    for name in positive + ["max_train_steps", "max_train_samples"]:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} must be positive (got {value})")
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning_rate must be positive (got {args.learning_rate})")
+    if args.resolution % 32:
+        raise UserError(f"--resolution {args.resolution} is not a multiple of 32 (EfficientNet stride); use {max(32, round(args.resolution / 32) * 32)}")
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.rank)
+    if not 0 <= args.lora_dropout < 1:
+        raise UserError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
+    args.lora_target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()] if isinstance(args.lora_target_modules, str) else args.lora_target_modules
+    if not args.lora_target_modules:
+        raise UserError("--lora_target_modules is empty; the default is to_q,to_k,to_v,to_out.0")
+    if os.path.isfile(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir} is a file; give a folder")
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder; give a checkpoint-N folder or 'latest'")
+    if not args.dataset:
+        raise UserError("--dataset is required: a hub dataset name, a local folder, or a .jsonl/.csv/.parquet file")
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up
+
+
+def accelerate_config_precision():
+    """The mixed precision an accelerate config file asked for, or None when there is no config.
+
+    `accelerate launch` exports ACCELERATE_MIXED_PRECISION=no even when no config exists, so the
+    variable only counts as the user's choice when a config file is present (or it asks for fp16/bf16).
+    """
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if value in ("fp16", "bf16"):
+        return value
+    if value == "no":
+        try:
+            from accelerate.commands.config import default_config_file
+        except ImportError:
+            default_config_file = None
+        if os.environ.get("ACCELERATE_CONFIG_FILE") or (default_config_file and os.path.isfile(default_config_file)):
+            return value
+    return None
+
+
+def resolve_mixed_precision(requested):
+    """Returns (mode, notice). The flag wins, then the accelerate config, then fp16 on CUDA."""
+    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    mode = requested or accelerate_config_precision() or ("no" if on_cpu else "fp16")
+    if on_cpu and mode != "no":
+        return "no", f"note: no GPU in use, so training runs in fp32 (--mixed_precision {mode} needs CUDA)"
+    return mode, None
+
+
+def make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    mixed_precision, notice = resolve_mixed_precision(args.mixed_precision)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        # The seedable sampler shuffles each epoch from (seed, epoch): a resumed run sees the same order.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    if notice:
+        accelerator.print(notice)
+    args.mixed_precision = mixed_precision
+    return accelerator
+
+
+def weight_dtype_for(accelerator):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def load_frozen_models(args, device, dtype):
+    """Prior, text encoder, tokenizer, scheduler and EfficientNet, all frozen, on `device` in `dtype`."""
+    from wuerstchen_models import load_image_encoder, load_prior_components, use_sdpa_attention
+
+    prior, text_encoder, tokenizer, scheduler = load_prior_components(args.pretrained_prior_model_name_or_path, args.revision)
+    image_encoder = load_image_encoder(args.image_encoder)
+    for model in (prior, text_encoder, image_encoder):
+        model.requires_grad_(False).to(device, dtype=dtype)
+    text_encoder.eval()
+    image_encoder.eval()
+    use_sdpa_attention(prior)
+    return prior, text_encoder, tokenizer, scheduler, image_encoder
+
+
+def add_lora(prior, args):
+    """Attach a LoRA adapter to the prior's attention projections; returns (config, trainable params).
+
+    The trainable LoRA weights are kept in fp32 even when the frozen prior is fp16/bf16: the fp16
+    grad scaler refuses to unscale fp16 gradients, and small updates vanish in half precision.
+    """
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        init_lora_weights="gaussian",
+        target_modules=args.lora_target_modules,
+    )
+    try:
+        prior.add_adapter(config)
+    except ValueError as e:
+        raise UserError(f"--lora_target_modules {','.join(args.lora_target_modules)}: {str(e).splitlines()[0]}") from e
+    params = [p for p in prior.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if args.gradient_checkpointing:
+        prior.enable_gradient_checkpointing()
+    prior.train()  # dropout (0.1 in the shipped config) is active while training, as in both references
+    return config, params
+
+
+def lora_config_dict(config):
+    d = config.to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective
+
+
+@torch.no_grad()
+def encode_images(image_encoder, pixel_values):
+    """EfficientNet features scaled as the prior expects: (effnet(x) + 1) / 42."""
+    return (image_encoder(pixel_values) + EMBEDDING_SHIFT) / EMBEDDING_SCALE
+
+
+@torch.no_grad()
+def encode_text(text_encoder, tokenizer, captions, device):
+    """CLIP last_hidden_state of captions padded/truncated to 77 tokens, as the prior pipeline does."""
+    tokens = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    out = text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
+    return out.last_hidden_state
+
+
+def compute_loss(prior, scheduler, image_embeddings, text_embeddings, noise=None, timesteps=None):
+    """Epsilon-prediction MSE at t ~ U(0, 1).
+
+    t stays fp32: the prior embeds t * 10000, which fp16 would quantise badly. The loss is computed
+    in fp32 whatever dtype the prior runs in.
+    """
+    latents = image_embeddings.float()
+    if noise is None:
+        noise = torch.randn_like(latents)
+    if timesteps is None:
+        timesteps = torch.rand(latents.shape[0], device=latents.device, dtype=torch.float32)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    pred = prior(noisy, timesteps, text_embeddings)
+    return F.mse_loss(pred.float(), noise.float())
+
+
+def step_seed(seed, epoch, batch_index, process_index):
+    """Seed for one step's noise, timesteps and dropout.
+
+    Re-seeding every step from (seed, epoch, batch, rank) makes a resumed run draw exactly what an
+    uninterrupted one would, however many numbers data loading or validation consumed meanwhile.
+    """
+    digest = hashlib.sha256(f"{seed}:{epoch}:{batch_index}:{process_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def make_dataloader(args, accelerator):
+    from wuerstchen_data import CaptionedImages, ImageTransform, collate, load_training_dataset
+
+    with accelerator.main_process_first():
+        dataset, image_column, caption_column = load_training_dataset(
+            args.dataset, args.image_column, args.caption_column, cache_dir=args.cache_dir
+        )
+    if args.max_train_samples is not None:
+        dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
+    examples = CaptionedImages(dataset, image_column, caption_column, ImageTransform(args.resolution, args.center_crop, args.random_flip), args.seed)
+    return torch.utils.data.DataLoader(
+        examples,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        drop_last=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints as (step, path), oldest first; a folder without its state file is ignored."""
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            m = CHECKPOINT_RE.match(name)
+            path = os.path.join(output_dir, name)
+            if m and os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+                found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def register_lora_checkpoint_hooks(accelerator, prior, lora_config, info):
+    """Checkpoints hold the LoRA file instead of the whole 4 GB prior, and resume into the SAME adapter."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    def is_prior(model):
+        return accelerator.unwrap_model(model) is prior
+
+    def save_hook(models, weights, output_dir):
+        for i in reversed(range(len(models))):
+            if is_prior(models[i]):
+                if accelerator.is_main_process:
+                    save_lora_file(output_dir, get_peft_model_state_dict(prior), lora_config_dict(lora_config))
+                    atomic_write_json(os.path.join(output_dir, TRAINING_INFO_NAME), info)
+                if weights:
+                    weights.pop(i)
+
+    def load_hook(models, input_dir):
+        for i in reversed(range(len(models))):
+            if is_prior(models.pop(i)):
+                state = load_file(os.path.join(input_dir, LORA_WEIGHTS_NAME))
+                state = {k[len("prior.") :]: v for k, v in state.items() if k.startswith("prior.")}
+                result = set_peft_model_state_dict(prior, state)
+                unexpected = getattr(result, "unexpected_keys", None)
+                if unexpected:
+                    raise UserError(f"{input_dir}: checkpoint LoRA does not fit this adapter (e.g. {unexpected[0]}); resume with the same --rank and --lora_target_modules")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator, args, global_step):
+    """accelerate state (LoRA via the hook, optimiser, LR schedule, grad scaler, RNG) into checkpoint-N.
+
+    Written under a temporary name and renamed once complete, so `latest` never picks a half-written one.
+    """
+    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{global_step}")
+    if accelerator.is_main_process and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(os.path.join(tmp, TRAINER_STATE_NAME), {"global_step": global_step, "seed": args.seed, "num_processes": accelerator.num_processes})
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if args.checkpoints_total_limit:
+            for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume_checkpoint(accelerator, args):
+    """Load the checkpoint named by --resume_from_checkpoint; returns the global step it was saved at."""
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(args.output_dir)
+        if not found:
+            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N in {args.output_dir}; start without it")
+        path = found[-1][1]
+    else:
+        path = args.resume_from_checkpoint
+        if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+            raise UserError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINER_STATE_NAME})")
+    with open(os.path.join(path, TRAINER_STATE_NAME)) as f:
+        state = json.load(f)
+    accelerator.load_state(path)
+    accelerator.print(f"resumed from {path} at step {state['global_step']}")
+    return state["global_step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and final output
+
+
+class Validator:
+    """Renders the validation prompts with the LoRA attached; the decoder is loaded once, on first use."""
+
+    def __init__(self, args, accelerator, text_encoder, tokenizer, scheduler, dtype):
+        self.args, self.accelerator = args, accelerator
+        self.text_encoder, self.tokenizer, self.scheduler, self.dtype = text_encoder, tokenizer, scheduler, dtype
+        self.decoder = None
+        self.size = output_size_for_training_resolution(args.resolution)
+
+    def __call__(self, prior, step):
+        from diffusers import DDPMWuerstchenScheduler
+
+        from wuerstchen_models import load_decoder_pipeline
+
+        args, accelerator = self.args, self.accelerator
+        if self.decoder is None:
+            self.decoder = load_decoder_pipeline(args.pretrained_decoder_model_name_or_path, dtype=self.dtype, device=accelerator.device)
+        pipeline = build_prior_pipeline(prior, self.text_encoder, self.tokenizer, DDPMWuerstchenScheduler.from_config(self.scheduler.config))
+        pipeline.set_progress_bar_config(disable=True)
+        was_training = prior.training
+        prior.eval()
+        generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+        with torch.autocast(accelerator.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            images = generate_images(pipeline, self.decoder, args.validation_prompts, height=self.size, width=self.size, generator=generator)
+        prior.train(was_training)
+        folder = os.path.join(args.output_dir, "validation")
+        paths = []
+        for i, image in enumerate(images):
+            paths.append(os.path.join(folder, f"step-{step:06d}-{i}.png"))
+            save_png(image, paths[-1])
+        log_images(accelerator, images, args.validation_prompts, step)
+        return paths
+
+
+def log_images(accelerator, images, prompts, step):
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("val/images", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"val/images": [wandb.Image(im, caption=p) for im, p in zip(images, prompts)]}, step=step)
+
+
+def model_card(args, info):
+    prompts = args.validation_prompts or ["a photo"]
+    return f"""---
+base_model: {args.pretrained_prior_model_name_or_path}
+library_name: diffusers
+license: mit
+tags:
+- wuerstchen
+- text-to-image
+- diffusers
+- diffusers-training
+- lora
+inference: true
+---
+
+# Wuerstchen prior LoRA
+
+A LoRA adapter for the Wuerstchen v2 prior (Stage C) `{args.pretrained_prior_model_name_or_path}`, trained with
+`train_wuerstchen_prior_lora.py` on `{args.dataset}`.
+
+| setting | value |
+| --- | --- |
+| rank / alpha | {args.rank} / {args.lora_alpha:g} |
+| target modules | {", ".join(args.lora_target_modules)} |
+| training resolution | {args.resolution} px (generate at {info["output_size"]} px) |
+| steps | {info["global_step"]} |
+| batch (per process x processes x accumulation) | {args.train_batch_size} x {info["num_processes"]} x {args.gradient_accumulation_steps} |
+| learning rate | {args.learning_rate:g} ({args.lr_scheduler}) |
+| mixed precision | {args.mixed_precision} |
+
+## Use
+
+```python
+python infer.py --checkpoint path/to/this/folder --prompt "{prompts[0]}"
+```
+
+or with diffusers alone (the prior pipeline is assembled from its parts, which also works on diffusers 0.42):
+
+```python
+import torch
+from diffusers import WuerstchenPriorPipeline, WuerstchenDecoderPipeline
+
+prior = WuerstchenPriorPipeline.from_pretrained("{args.pretrained_prior_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
+prior.load_lora_weights("path/to/this/folder")
+decoder = WuerstchenDecoderPipeline.from_pretrained("{args.pretrained_decoder_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
+embeddings = prior("{prompts[0]}", height={info["output_size"]}, width={info["output_size"]}).image_embeddings
+image = decoder(embeddings, prompt="{prompts[0]}").images[0]
+```
+"""
+
+
+def write_outputs(accelerator, args, prior, lora_config, info):
+    """The final LoRA file, training_info.json, args.json and the model card (main process only)."""
+    from peft.utils import get_peft_model_state_dict
+
+    if not accelerator.is_main_process:
+        return
+    path = save_lora_file(args.output_dir, get_peft_model_state_dict(prior), lora_config_dict(lora_config))
+    atomic_write_json(os.path.join(args.output_dir, TRAINING_INFO_NAME), info)
+    atomic_write_json(os.path.join(args.output_dir, "args.json"), vars(args))
+    atomic_write_bytes(os.path.join(args.output_dir, "README.md"), model_card(args, info).encode())
+    accelerator.print(f"wrote {path}")
+
+
+def training_info(args, accelerator, lora_config, global_step, trainable, total):
+    import diffusers
+    import peft
+
+    return {
+        "base_model": args.pretrained_prior_model_name_or_path,
+        "revision": args.revision,
+        "decoder_model": args.pretrained_decoder_model_name_or_path,
+        "resolution": args.resolution,
+        "output_size": output_size_for_training_resolution(args.resolution),
+        "lora": lora_config_dict(lora_config),
+        "global_step": global_step,
+        "num_processes": accelerator.num_processes,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train(args):
+    accelerator = make_accelerator(args)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING if accelerator.is_main_process else logging.ERROR)
+    quiet_library_logs()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    train_dataloader = make_dataloader(args, accelerator)  # data errors surface before the models load
+
+    dtype = weight_dtype_for(accelerator)
+    prior, text_encoder, tokenizer, scheduler, image_encoder = load_frozen_models(args, accelerator.device, dtype)
+    lora_config, params = add_lora(prior, args)
+    trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in prior.parameters())
+    accelerator.print(f"LoRA: {trainable:,} trainable of {total:,} prior parameters ({100 * trainable / total:.2f}%)")
+
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    prior, optimizer, train_dataloader = accelerator.prepare(prior, optimizer, train_dataloader)
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+
+    from diffusers.optimization import get_scheduler
+
+    # accelerate steps a prepared scheduler once per process per optimiser step, hence the factor.
+    lr_scheduler = accelerator.prepare(get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes, num_training_steps=max_steps * accelerator.num_processes))
+
+    unwrapped = accelerator.unwrap_model(prior)
+    info = training_info(args, accelerator, lora_config, 0, trainable, total)
+    register_lora_checkpoint_hooks(accelerator, unwrapped, lora_config, info)
+    global_step = resume_checkpoint(accelerator, args) if args.resume_from_checkpoint else 0
+
+    if accelerator.is_main_process:
+        atomic_write_json(os.path.join(args.output_dir, "args.json"), vars(args))
+    if args.report_to != "none":
+        accelerator.init_trackers("wuerstchen-prior-lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()})
+    validate = Validator(args, accelerator, text_encoder, tokenizer, scheduler, dtype) if args.validation_prompts else None
+    effective_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    accelerator.print(f"{len(train_dataloader.dataset)} samples, {max_steps} steps, effective batch {effective_batch}, {args.mixed_precision} on {accelerator.device}")
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    first_epoch, skip_batches = divmod(global_step, steps_per_epoch)
+    skip_batches *= args.gradient_accumulation_steps
+    for epoch in range(first_epoch, num_epochs):
+        train_dataloader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if epoch == first_epoch and skip_batches else train_dataloader
+        for batch_index, batch in enumerate(batches, start=skip_batches if epoch == first_epoch else 0):
+            torch.manual_seed(step_seed(args.seed, epoch, batch_index, accelerator.process_index))
+            with accelerator.accumulate(prior):
+                image_embeddings = encode_images(image_encoder, batch["pixel_values"].to(accelerator.device, dtype=dtype))
+                text_embeddings = encode_text(text_encoder, tokenizer, batch["captions"], accelerator.device)
+                loss = compute_loss(prior, scheduler, image_embeddings, text_embeddings)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            logs = {"train/loss": accelerator.gather(loss.detach()).mean().item(), "train/lr": lr_scheduler.get_last_lr()[0]}
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+            info["global_step"] = global_step
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, global_step)
+            if validate and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                validate(unwrapped, global_step)
+            if global_step >= max_steps:
+                break
+        skip_batches = 0
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    info["global_step"] = global_step
+    write_outputs(accelerator, args, unwrapped, lora_config, info)
+    if validate and global_step % args.validation_steps and accelerator.is_main_process:
+        validate(unwrapped, global_step)
+    accelerator.end_training()
+    return global_step
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        train(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

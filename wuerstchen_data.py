@@ -1,0 +1,243 @@
+"""Training data for the prior: find the dataset, its columns, and turn rows into tensors.
+
+`--dataset` may be a hub dataset name, an imagefolder (images + metadata.jsonl/.csv/.parquet), a
+folder of images each with a same-stem `.txt` caption (the kohya/OneTrainer convention), or a
+`.jsonl`/`.csv`/`.parquet` file whose image column holds paths (relative to the file) or image bytes.
+"""
+
+import hashlib
+import os
+import random
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from wuerstchen_models import IMAGENET_MEAN, IMAGENET_STD, UserError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+IMAGE_COLUMN_NAMES = ("image", "img", "images", "file_name", "image_path", "path", "file")
+CAPTION_COLUMN_NAMES = ("text", "caption", "captions", "prompt", "description", "tags")
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the dataset
+
+
+def _list_images(folder):
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(root, f) for f in sorted(files) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return found
+
+
+def _caption_folder(folder, images):
+    """A folder of images with same-stem .txt captions, as a datasets.Dataset."""
+    import datasets
+
+    paths, captions, missing = [], [], []
+    for image in images:
+        txt = os.path.splitext(image)[0] + ".txt"
+        if not os.path.isfile(txt):
+            missing.append(os.path.relpath(image, folder))
+            continue
+        with open(txt, encoding="utf-8", errors="replace") as f:
+            captions.append(f.read().strip())
+        paths.append(image)
+    if missing:
+        raise UserError(
+            f"--dataset {folder}: {len(missing)} of {len(images)} images have no caption file "
+            f"(e.g. {missing[0]}); add a same-stem .txt beside each image or remove them"
+        )
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    return datasets.Dataset.from_dict({"image": paths, "text": captions}, features=features)
+
+
+def _load_from_folder(folder, cache_dir):
+    import datasets
+
+    if any(os.path.isfile(os.path.join(folder, m)) for m in METADATA_FILES):
+        return datasets.load_dataset("imagefolder", data_dir=folder, split="train", cache_dir=cache_dir)
+    images = _list_images(folder)
+    if not images:
+        raise UserError(f"--dataset {folder}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if not any(os.path.isfile(os.path.splitext(p)[0] + ".txt") for p in images):
+        raise UserError(
+            f"--dataset {folder}: {len(images)} images but no captions; add metadata.jsonl "
+            "(file_name, text) or a same-stem .txt caption beside each image"
+        )
+    return _caption_folder(folder, images)
+
+
+def _load_from_file(path, cache_dir):
+    import datasets
+
+    builder = FILE_BUILDERS.get(os.path.splitext(path)[1].lower())
+    if builder is None:
+        raise UserError(f"--dataset {path}: unsupported file type; use .jsonl, .csv or .parquet, or a folder")
+    return datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
+
+
+def _load_from_hub(name, revision, cache_dir):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, revision=revision, split="train", cache_dir=cache_dir)
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise UserError(
+            f"--dataset {name}: not a local folder or file, and the hub dataset could not be loaded "
+            f"({type(e).__name__}); check the name, your network, or give a local path"
+        ) from e
+
+
+def _pick_column(dataset, requested, flag, candidates, want_image):
+    columns = list(dataset.column_names)
+    if requested:
+        if requested not in columns:
+            raise UserError(f"{flag} {requested!r} is not a column; the dataset has: {', '.join(columns)}")
+        return requested
+    import datasets
+
+    if want_image:
+        typed = [c for c in columns if isinstance(dataset.features[c], datasets.Image)]
+        if typed:
+            return typed[0]
+    for name in candidates:
+        if name in columns:
+            return name
+    kind = "image" if want_image else "caption"
+    raise UserError(f"no {kind} column found; pass {flag} (the dataset has: {', '.join(columns)})")
+
+
+def load_training_dataset(spec, image_column=None, caption_column=None, revision=None, cache_dir=None):
+    """Returns (datasets.Dataset, image column, caption column) with the image column decoded to PIL."""
+    import datasets
+
+    if not spec:
+        raise UserError("--dataset is required: a hub dataset name, a local folder, or a .jsonl/.csv/.parquet file")
+    if os.path.isdir(spec):
+        dataset = _load_from_folder(spec, cache_dir)
+    elif os.path.isfile(spec):
+        dataset = _load_from_file(spec, cache_dir)
+    elif os.path.splitext(spec)[1].lower() in FILE_BUILDERS or spec.startswith((".", "/", "~")):
+        raise UserError(f"--dataset {spec}: no such file or folder")
+    else:
+        dataset = _load_from_hub(spec, revision, cache_dir)
+    if len(dataset) == 0:
+        raise UserError(f"--dataset {spec}: the dataset is empty")
+
+    image_column = _pick_column(dataset, image_column, "--image_column", IMAGE_COLUMN_NAMES, want_image=True)
+    caption_column = _pick_column(dataset, caption_column, "--caption_column", CAPTION_COLUMN_NAMES, want_image=False)
+    if not isinstance(dataset.features[image_column], datasets.Image):
+        # A column of paths: relative ones are relative to the file that lists them.
+        base = os.path.dirname(os.path.abspath(spec)) if os.path.isfile(spec) else None
+        if base is not None:
+            dataset = dataset.map(
+                lambda row: {image_column: os.path.join(base, row[image_column])},
+                desc="Resolving image paths",
+            )
+        dataset = dataset.cast_column(image_column, datasets.Image())
+    return dataset, image_column, caption_column
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows to tensors
+
+
+def to_rgb(image):
+    """Any PIL image (RGBA, palette, greyscale, CMYK, 16-bit, EXIF-rotated) as 8-bit RGB.
+
+    Transparency is composited over white; 16- and 32-bit greyscale are rescaled rather than
+    clipped (PIL's own convert("RGB") turns most 16-bit values into white).
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if image.mode == "F" and array.max() <= 1.0:
+            top = 1.0
+        array = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def sample_rng(seed, epoch, index):
+    """A random source for one sample in one epoch.
+
+    Crops, flips and caption choices come from (seed, epoch, index) alone, so a resumed run, or a
+    run with another worker count, sees exactly the same augmented samples. torchvision's random
+    transforms draw from the global RNG, which does not give that; hence the hand-written choices.
+    """
+    digest = hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def pick_caption(value, rng):
+    if isinstance(value, (list, tuple)):
+        value = [v for v in value if isinstance(v, str) and v.strip()]
+        return rng.choice(value).strip() if value else ""
+    return "" if value is None else str(value).strip()
+
+
+class ImageTransform:
+    """Resize the short side to `resolution`, crop a square (centre or random), maybe flip, normalise."""
+
+    def __init__(self, resolution, center_crop=False, random_flip=False):
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+
+    def __call__(self, image, rng):
+        r = self.resolution
+        image = TF.resize(to_rgb(image), r, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        w, h = image.size
+        if self.center_crop:
+            top, left = (h - r) // 2, (w - r) // 2
+        else:
+            top, left = rng.randint(0, h - r), rng.randint(0, w - r)
+        image = TF.crop(image, top, left, r, r)
+        if self.random_flip and rng.random() < 0.5:
+            image = TF.hflip(image)
+        return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Rows of a datasets.Dataset as {"pixel_values", "caption"}; deterministic per (seed, epoch, index)."""
+
+    def __init__(self, dataset, image_column, caption_column, transform, seed):
+        self.dataset = dataset
+        self.image_column = image_column
+        self.caption_column = caption_column
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):  # called by accelerate's DataLoader.set_epoch
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        row = self.dataset[index]
+        rng = sample_rng(self.seed, self.epoch, index)
+        return {
+            "pixel_values": self.transform(row[self.image_column], rng),
+            "caption": pick_caption(row[self.caption_column], rng),
+        }
+
+
+def collate(examples):
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
+        "captions": [e["caption"] for e in examples],
+    }

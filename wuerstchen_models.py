@@ -1,0 +1,335 @@
+"""Model parts of Wuerstchen v2 shared by the trainer and `infer.py`.
+
+Loading each component on its own (rather than `WuerstchenPriorPipeline.from_pretrained`, which fails
+on diffusers 0.42), the EfficientNet image encoder that no diffusers repo ships, the LoRA file
+(writing, loading and checking that the prior really took it) and the one image-generation
+function used both for validation during training and for inference.
+"""
+
+import json
+import os
+import tempfile
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from diffusers import DDPMWuerstchenScheduler, WuerstchenDecoderPipeline, WuerstchenPriorPipeline
+
+try:  # diffusers >= 0.38 moved the Wuerstchen models under `deprecated`
+    from diffusers.pipelines.deprecated.wuerstchen import (
+        DEFAULT_STAGE_C_TIMESTEPS,
+        PaellaVQModel,
+        WuerstchenDiffNeXt,
+        WuerstchenPrior,
+    )
+except ImportError:  # older releases
+    from diffusers.pipelines.wuerstchen import (  # type: ignore[no-redef]
+        DEFAULT_STAGE_C_TIMESTEPS,
+        PaellaVQModel,
+        WuerstchenDiffNeXt,
+        WuerstchenPrior,
+    )
+
+DEFAULT_PRIOR = "warp-ai/wuerstchen-prior"
+DEFAULT_DECODER = "warp-ai/wuerstchen"
+# The EfficientNet encoder is only published inside the original authors' Stage-B checkpoint.
+DEFAULT_IMAGE_ENCODER_REPO = "dome272/wuerstchen"
+DEFAULT_IMAGE_ENCODER_FILE = "model_v2_stage_b.pt"
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+TRAINING_INFO_NAME = "training_info.json"  # what infer.py reads: base models, resolution, LoRA config
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+# `emb = (effnet(x) + 1) / 42`: the scaling the prior was trained with; the prior pipeline undoes it
+# with `latent_mean` 42 and `latent_std` 1 (model_index.json of warp-ai/wuerstchen-prior).
+EMBEDDING_SCALE = 42.0
+EMBEDDING_SHIFT = 1.0
+# EfficientNet input normalisation (ImageNet statistics), as in the original training code.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def quiet_library_logs():
+    """diffusers/transformers chatter (deprecation notices, dtype hints) hides the lines that matter.
+
+    Nothing is lost by it: the one warning that matters here, LoRA keys the prior skipped, is
+    turned into an error by `load_lora_checked`.
+    """
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the scripts print its message on one line and exit with status 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Image encoder (Stage C's "EfficientNet" condition)
+
+
+class EfficientNetEncoder(nn.Module):
+    """torchvision's EfficientNetV2-S features followed by a 1x1 conv + BatchNorm to 16 channels.
+
+    Same layout as the original Wuerstchen code, so the Stage-B checkpoint's `effnet_state_dict`
+    loads with strict key matching. Output stride is 32: a 768 px image gives a 24x24 grid.
+    """
+
+    def __init__(self, c_latent=16):
+        super().__init__()
+        from torchvision.models import efficientnet_v2_s
+
+        # weights=None: the ImageNet weights would be downloaded only to be overwritten.
+        self.backbone = efficientnet_v2_s(weights=None).features
+        self.mapper = nn.Sequential(nn.Conv2d(1280, c_latent, kernel_size=1, bias=False), nn.BatchNorm2d(c_latent))
+
+    def forward(self, x):
+        return self.mapper(self.backbone(x))
+
+
+def _read_encoder_state_dict(path):
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    if path.endswith((".pt", ".pth", ".bin", ".ckpt")):
+        # weights_only: a checkpoint is data, never code to run.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "effnet_state_dict" in state:
+            state = state["effnet_state_dict"]
+        elif isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        return state
+    raise UserError(f"--image_encoder {path}: unknown file type; give a .safetensors, .pt or .pth file")
+
+
+def resolve_image_encoder_path(spec):
+    """`spec` is a local file, or None for the original authors' Stage-B checkpoint on the hub."""
+    if spec:
+        if not os.path.isfile(spec):
+            raise UserError(f"--image_encoder {spec}: no such file; give the path of a .safetensors/.pt file")
+        return spec
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(DEFAULT_IMAGE_ENCODER_REPO, DEFAULT_IMAGE_ENCODER_FILE)
+
+
+def load_image_encoder(spec=None):
+    path = resolve_image_encoder_path(spec)
+    state = _read_encoder_state_dict(path)
+    c_latent = state["mapper.0.weight"].shape[0] if "mapper.0.weight" in state else 16
+    with torch.device("meta"):  # skip the random init: every weight is overwritten below
+        encoder = EfficientNetEncoder(c_latent)
+    missing, unexpected = encoder.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise UserError(
+            f"--image_encoder {path}: not an EfficientNet encoder checkpoint "
+            f"(missing {len(missing)} keys such as {missing[:2]}, unexpected {len(unexpected)} such as "
+            f"{unexpected[:2]}); give model_v2_stage_b.pt or its effnet_state_dict"
+        )
+    return encoder.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prior, text encoder, decoder
+
+
+def load_prior_components(path, revision=None):
+    """Prior, CLIP text encoder, tokenizer and scheduler from a repo laid out like warp-ai/wuerstchen-prior."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    prior = WuerstchenPrior.from_pretrained(path, subfolder="prior", revision=revision)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision)
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
+    scheduler = DDPMWuerstchenScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+    return prior, text_encoder, tokenizer, scheduler
+
+
+def use_sdpa_attention(prior):
+    """Swap the classic matmul+softmax attention the constructor installs for PyTorch SDPA.
+
+    Same output (checked in the tests), faster, and on a GPU it never materialises the attention matrix.
+    """
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    prior.set_attn_processor(AttnProcessor2_0())
+
+
+def build_prior_pipeline(prior, text_encoder, tokenizer, scheduler):
+    # Assembled from parts: WuerstchenPriorPipeline.from_pretrained fails on diffusers 0.42.
+    return WuerstchenPriorPipeline(tokenizer=tokenizer, text_encoder=text_encoder, prior=prior, scheduler=scheduler)
+
+
+def load_decoder_pipeline(path, revision=None, dtype=torch.float32, device="cpu"):
+    """Stages B and A (decoder, VQGAN) with their own CLIP text encoder, from a repo like warp-ai/wuerstchen."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    parts = dict(
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision),
+        decoder=WuerstchenDiffNeXt.from_pretrained(path, subfolder="decoder", revision=revision),
+        scheduler=DDPMWuerstchenScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
+        vqgan=PaellaVQModel.from_pretrained(path, subfolder="vqgan", revision=revision),
+    )
+    pipe = WuerstchenDecoderPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def generate_images(
+    prior_pipeline,
+    decoder_pipeline,
+    prompts,
+    *,
+    height,
+    width,
+    generator,
+    negative_prompt=None,
+    num_images_per_prompt=1,
+    prior_guidance_scale=4.0,
+    decoder_steps=12,
+    decoder_guidance_scale=0.0,
+):
+    """Prior (with whatever LoRA is attached) -> image embeddings -> decoder -> PIL images.
+
+    The single generation path: validation during training and infer.py both call it. One prompt
+    at a time: the decoder pipeline repeats its prompt for every embedding it is given.
+    """
+    images = []
+    for prompt in prompts:
+        embeddings = prior_pipeline(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            height=height,
+            width=width,
+            timesteps=DEFAULT_STAGE_C_TIMESTEPS,
+            guidance_scale=prior_guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            output_type="pt",
+        ).image_embeddings
+        images += decoder_pipeline(
+            image_embeddings=embeddings.to(device=decoder_pipeline.device, dtype=decoder_pipeline.dtype),
+            prompt=prompt,
+            num_inference_steps=decoder_steps,
+            guidance_scale=decoder_guidance_scale,
+            generator=generator,
+            output_type="pil",
+        ).images
+    return images
+
+
+def output_size_for_training_resolution(resolution):
+    """The output size a training resolution corresponds to: about 4/3 of it, on the 128 px grid.
+
+    EfficientNet has stride 32 while the prior pipeline divides the output by 42.67, so a 768 px
+    training image (24x24 grid) matches a 1024 px output.
+    """
+    return max(128, int(round(resolution * 4 / 3 / 128)) * 128)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA file: written in the layout diffusers' `load_lora_weights` reads, and checked when loaded
+
+
+def atomic_write_bytes(path, data):
+    """Write to a temporary name in the same folder, then rename: readers never see a partial file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_png(image, path):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def save_lora_file(output_dir, lora_state_dict, lora_config_dict):
+    """Write `pytorch_lora_weights.safetensors` through diffusers' own writer.
+
+    Keys get the `prior.` prefix the pipeline loader filters on, and the LoRA config goes into the
+    safetensors header so that alpha != rank round-trips (without it, loading assumes alpha = rank).
+    The file is written into a temporary folder first and renamed into place.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict.items()}
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-lora-") as tmp:
+        kwargs = {"unet_lora_layers": state}
+        if lora_config_dict is not None:
+            kwargs["unet_lora_adapter_metadata"] = lora_config_dict
+        try:
+            WuerstchenPriorPipeline.save_lora_weights(tmp, **kwargs)
+        except TypeError:  # diffusers older than the metadata argument: alpha must then equal rank
+            kwargs.pop("unet_lora_adapter_metadata")
+            WuerstchenPriorPipeline.save_lora_weights(tmp, **kwargs)
+        os.replace(os.path.join(tmp, LORA_WEIGHTS_NAME), os.path.join(output_dir, LORA_WEIGHTS_NAME))
+    return os.path.join(output_dir, LORA_WEIGHTS_NAME)
+
+
+def read_lora_keys(path):
+    with safe_open(path, framework="pt") as f:
+        return list(f.keys())
+
+
+def load_lora_checked(prior_pipeline, lora_path, adapter_name="lora"):
+    """Load a LoRA file into the prior pipeline and make sure the prior took every tensor in it.
+
+    diffusers skips keys with a foreign prefix with only a log line, which would silently give
+    base-model images; here that is an error naming the file.
+    """
+    if not lora_path.endswith(".safetensors"):
+        raise UserError(f"{lora_path}: only .safetensors LoRA files are loaded (pickle files can run code)")
+    keys = read_lora_keys(lora_path)
+    prior_keys = [k for k in keys if k.startswith("prior.")]
+    if not prior_keys or len(prior_keys) != len(keys):
+        sample = ", ".join(sorted(k for k in keys if not k.startswith("prior."))[:2])
+        raise UserError(
+            f"{lora_path} is not a Wuerstchen prior LoRA: {len(keys) - len(prior_keys)} of {len(keys)} keys lack "
+            f"the 'prior.' prefix (e.g. {sample}); train one with train_wuerstchen_prior_lora.py"
+        )
+    folder, name = os.path.split(os.path.abspath(lora_path))
+    try:
+        prior_pipeline.load_lora_weights(folder, weight_name=name, adapter_name=adapter_name)
+    except (ValueError, RuntimeError, KeyError) as e:  # shapes or module names that do not fit this prior
+        raise UserError(f"{lora_path} does not fit this prior: {str(e).splitlines()[0]}") from e
+    from peft.utils import get_peft_model_state_dict
+
+    loaded = get_peft_model_state_dict(prior_pipeline.prior, adapter_name=adapter_name)
+    wanted = {k[len("prior.") :].replace(f".{adapter_name}.", ".") for k in prior_keys}
+    taken = {k.replace(f".{adapter_name}.", ".") for k in loaded}
+    if wanted - taken:
+        missing = sorted(wanted - taken)
+        raise UserError(
+            f"{lora_path}: the prior did not take {len(missing)} of {len(wanted)} LoRA tensors "
+            f"(e.g. {missing[0]}); the file was trained for another model"
+        )
+    return len(wanted)
+
+
+def read_training_info(lora_path):
+    """The metadata the trainer writes beside the LoRA file (None for a bare file from elsewhere)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(lora_path)), TRAINING_INFO_NAME)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
