@@ -78,6 +78,11 @@ DECODER_CONFIG = dict(
     kernel_size=3,
     dropout=0.1,
 )
+# Post-init weight scales of the tiny decoder (see _fix_decoder_init).
+DECODER_EFFNET_MAPPER_STD = 0.3
+DECODER_CLF_STD = 0.5
+# Typical std of the latents the tiny decoder produces (the VQGAN is calibrated for it).
+DECODER_LATENT_STD = 2.3
 
 # Real vqgan: up_down_scale_factor 2, levels 2 (=> 4x spatial), bottleneck_blocks 12, embed_dim 384,
 # latent_channels 4, num_vq_embeddings 8192, scale_factor 0.3764.  Keep the 4x geometry.
@@ -302,6 +307,74 @@ def make_prior_repo(path, seed=0) -> str:
     return str(path)
 
 
+@torch.no_grad()
+def _fix_decoder_init(decoder):
+    """Make the random DiffNeXt actually use its inputs, as a trained stage B does.
+
+    ``WuerstchenDiffNeXt._init_weights`` runs once per module (``self.apply``) and each run
+    multiplies every ResBlock's last channelwise weight by sqrt(1/sum(blocks)) again, so those
+    weights end up ~1e-11: every ResBlock is an identity and the effnet conditioning (which
+    enters only through ResBlock skips) has no effect at all.  Give them the intended
+    xavier * sqrt(1/sum(blocks)) init, and make the conditioning / output layers large enough
+    that the image embeddings visibly steer the decoded image.  Uses the global RNG.
+    """
+    import torch.nn as nn
+
+    _, WuerstchenDiffNeXt, _ = _wuerstchen_classes()
+    res_cls = sys.modules[WuerstchenDiffNeXt.__module__].ResBlockStageB
+    gain = float(np.sqrt(1.0 / sum(decoder.config.blocks)))
+    for mod in decoder.modules():
+        if isinstance(mod, res_cls):
+            nn.init.xavier_uniform_(mod.channelwise[-1].weight, gain=gain)
+    for mapper in decoder.effnet_mappers:
+        if mapper is not None:
+            mapper.weight.normal_(0.0, DECODER_EFFNET_MAPPER_STD)
+    # clf outputs (a, b) -> noise = (x - a) / b.  Large weights on the ``a`` half make the
+    # prediction depend on the network (and so on the conditioning), not only on x; the ``b``
+    # half stays small so that b ~ sigmoid(0) = 0.5 and the division stays tame.
+    clf = decoder.clf[1]
+    half = clf.out_channels // 2
+    clf.weight[:half].normal_(0.0, DECODER_CLF_STD)
+    clf.weight[half:].normal_(0.0, 0.02)
+    clf.bias.zero_()
+
+
+@torch.no_grad()
+def _calibrate_vqgan_decoder(vqgan, latent_std=None, out_mean=0.5, out_std=0.2):
+    """Affinely rescale the VQGAN's output conv so decoded images are mid-grey with visible contrast.
+
+    A random PaellaVQModel decodes to values around 0 (most pixels clamp to black) and its
+    output barely depends on the latents.  Decode a fixed batch of N(0, latent_std) latents
+    (``latent_std`` ~ what the tiny decoder produces) and fold a per-RGB-channel affine map into
+    the last 1x1 conv so that the (pre-clamp) output has mean ``out_mean`` and std ``out_std``.
+    Uses the global RNG.
+    """
+    import torch.nn as nn
+
+    latent_std = DECODER_LATENT_STD if latent_std is None else float(latent_std)
+    vqgan.eval()
+    # Default-init biases of the decoding convs (+-1/sqrt(fan_in), +-0.5 for the 4-channel input
+    # conv) dwarf the latent signal, and the stride-2 transposed conv turns a constant input into
+    # a fixed checkerboard: the picture would be the same pattern whatever the latents.
+    for mod in vqgan.up_blocks.modules():
+        if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)) and mod.groups == 1 and mod.bias is not None:
+            mod.bias.zero_()
+    z = torch.randn(4, vqgan.config.latent_channels, 16, 16) * latent_std
+    conv, r2 = vqgan.out_block[0], vqgan.config.up_down_scale_factor**2
+    feats = conv(vqgan.up_blocks(z * vqgan.config.scale_factor))
+    # Per conv channel (= per RGB channel and PixelShuffle phase) mean: removing it also removes
+    # the 2x2 checkerboard that different biases of the four phases would draw.
+    m_conv = feats.mean(dim=(0, 2, 3))
+    std = vqgan.out_block[1](feats - m_conv.view(1, -1, 1, 1)).std(dim=(0, 2, 3)).clamp_min(1e-6)
+    k_conv = (out_std / std).repeat_interleave(r2)  # PixelShuffle: conv channel c * r2 + j -> RGB c
+    # Round the measured statistics to bfloat16 precision so that tiny float differences
+    # (thread count, CPU kind) give the same file.
+    k_conv = k_conv.to(torch.bfloat16).float()
+    m_conv = m_conv.to(torch.bfloat16).float()
+    conv.weight.mul_(k_conv.view(-1, 1, 1, 1))
+    conv.bias.copy_((conv.bias - m_conv) * k_conv + out_mean)
+
+
 def make_decoder_repo(path, seed=0) -> str:
     """Write a tiny repo laid out like ``warp-ai/wuerstchen`` (stages B + A); returns ``path``."""
     _, WuerstchenDiffNeXt, PaellaVQModel = _wuerstchen_classes()
@@ -311,11 +384,13 @@ def make_decoder_repo(path, seed=0) -> str:
     with _seeded(seed + 10):
         decoder = WuerstchenDiffNeXt(**DECODER_CONFIG)
         _fill_zero_params(decoder)
+        _fix_decoder_init(decoder)
     decoder.save_pretrained(str(root / "decoder"))
 
     with _seeded(seed + 11):
         vqgan = PaellaVQModel(**VQGAN_CONFIG)
         _fill_zero_params(vqgan)
+        _calibrate_vqgan_decoder(vqgan)
     vqgan.eval()
     vqgan.save_pretrained(str(root / "vqgan"))
 
@@ -355,7 +430,7 @@ def _build_effnet_encoder():
 
 
 @torch.no_grad()
-def _calibrate_batchnorm(model, seed, n=6, size=128):
+def _calibrate_batchnorm(model, seed, n=16, size=128):
     """Set BatchNorm running stats from one batch of synthetic, ImageNet-normalised pictures.
 
     With freshly initialised running stats (mean 0, var 1) the eval-mode output of a random
@@ -374,6 +449,12 @@ def _calibrate_batchnorm(model, seed, n=6, size=128):
     x = (x - mean) / std
 
     model.eval()  # stochastic depth off
+    # Small residual-branch gains (trained nets end up like this too): without them the eval-mode
+    # output of a random 40-block network is chaotic (std 1 at one resolution, 50 at another).
+    for mod in model.modules():
+        if getattr(mod, "use_res_connect", False):
+            last_bn = [b for b in mod.block.modules() if isinstance(b, nn.BatchNorm2d)][-1]
+            last_bn.weight.uniform_(0.03, 0.07)
     bns = [mod for mod in model.modules() if isinstance(mod, nn.BatchNorm2d)]
     saved = []
     for bn in bns:
@@ -446,6 +527,8 @@ def _draw_image(i, size, rng):
     names = list(_COLORS)
     bg_a = names[(i * 3 + int(rng.integers(0, 8))) % len(names)]
     bg_b = names[(i * 5 + 1 + int(rng.integers(0, 8))) % len(names)]
+    if bg_b == bg_a:
+        bg_b = names[(names.index(bg_a) + 1) % len(names)]
     fg = names[(i + int(rng.integers(1, 8))) % len(names)]
     if fg in (bg_a, bg_b):
         fg = names[(names.index(fg) + 3) % len(names)]
@@ -540,8 +623,6 @@ def make_image_dataset(path, kind, n=8, size=(96, 80), seed=0, mixed_modes=False
     """
     if kind not in DATASET_KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}; expected one of {DATASET_KINDS}")
-    if min(size) < 64 and not mixed_modes:
-        raise ValueError("image size must be at least 64 px on the short side")
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     items = _render_images(int(n), size, seed, mixed_modes)
