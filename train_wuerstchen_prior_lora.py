@@ -81,6 +81,10 @@ def parse_args(argv=None):
     crop.add_argument("--random_crop", dest="center_crop", action="store_false", help="crop a random square (default)")
     g.add_argument("--random_flip", action="store_true", help="flip horizontally with probability 0.5")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
+    cache = g.add_mutually_exclusive_group()
+    cache.add_argument("--cache_embeddings", dest="cache_embeddings", action="store_true", default=True, help="encode images and captions once and train from the cache (default; see embedding_cache.py for random crops)")
+    cache.add_argument("--no_cache_embeddings", dest="cache_embeddings", action="store_false", help="run EfficientNet and CLIP on every step (pixel-exact random crops)")
+    g.add_argument("--embeddings_cache_dir", default=None, help="where the cache lives (default: OUTPUT_DIR/embeddings_cache); share one between runs")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--seed", type=int, default=42, help="seed for data order, augmentation, noise and timesteps")
@@ -99,6 +103,8 @@ def parse_args(argv=None):
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: the accelerate config, else fp16 on CUDA; always fp32 on a CPU")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in the backward pass: less memory, about 30%% slower")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (optional package)")
+    g.add_argument("--torch_compile", action="store_true", help="compile the prior with torch.compile (inductor); first steps are slow")
 
     g = p.add_argument_group("checkpoints and output")
     g.add_argument("--output_dir", default="wuerstchen-prior-lora")
@@ -187,6 +193,7 @@ def make_accelerator(args):
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
         # The seedable sampler shuffles each epoch from (seed, epoch): a resumed run sees the same order.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        dynamo_backend="inductor" if args.torch_compile else None,  # None: the accelerate config decides
     )
     if notice:
         accelerator.print(notice)
@@ -245,6 +252,18 @@ def lora_config_dict(config):
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
 
 
+def make_optimizer(args, params, device):
+    """AdamW: bitsandbytes' 8-bit version on request, PyTorch's fused kernel on CUDA."""
+    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)") from e
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=torch.device(device).type == "cuda", **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------
 # The objective
 
@@ -293,24 +312,54 @@ def step_seed(seed, epoch, batch_index, process_index):
 # Data
 
 
-def make_dataloader(args, accelerator):
-    from wuerstchen_data import CaptionedImages, ImageTransform, collate, load_training_dataset
+def load_data(args, accelerator):
+    """The dataset and its columns, selected and checked, before any model is loaded."""
+    from wuerstchen_data import load_training_dataset
 
     with accelerator.main_process_first():
-        dataset, image_column, caption_column = load_training_dataset(
-            args.dataset, args.image_column, args.caption_column, cache_dir=args.cache_dir
-        )
+        dataset, image_column, caption_column = load_training_dataset(args.dataset, args.image_column, args.caption_column, cache_dir=args.cache_dir)
     if args.max_train_samples is not None:
         dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
-    examples = CaptionedImages(dataset, image_column, caption_column, ImageTransform(args.resolution, args.center_crop, args.random_flip), args.seed)
+    args.image_column, args.caption_column = image_column, caption_column
+    return dataset
+
+
+def cached_examples(args, accelerator, dataset, image_encoder, text_encoder, tokenizer, dtype):
+    """Build (or reuse) the embedding cache and return the dataset that reads from it."""
+    from embedding_cache import CachedExamples, build_cache, cache_key
+    from wuerstchen_models import resolve_image_encoder_path
+
+    root = args.embeddings_cache_dir or os.path.join(args.output_dir, "embeddings_cache")
+    folder = os.path.join(root, cache_key(args, dataset, dtype, resolve_image_encoder_path(args.image_encoder)))
+    device = accelerator.device
+    build_cache(
+        folder, dataset, args.image_column, args.caption_column, args,
+        encode_image=lambda pixels: encode_images(image_encoder, pixels.to(device, dtype=dtype)),
+        encode_text=lambda captions: encode_text(text_encoder, tokenizer, captions, device),
+        accelerator=accelerator,
+    )
+    return CachedExamples(folder, args.resolution, args.random_flip, args.seed)
+
+
+def make_dataloader(args, examples):
+    from wuerstchen_data import CaptionedImages, collate
+
     return torch.utils.data.DataLoader(
         examples,
         batch_size=args.train_batch_size,
         shuffle=True,
-        collate_fn=collate,
+        collate_fn=collate if isinstance(examples, CaptionedImages) else None,
         num_workers=args.dataloader_num_workers,
         drop_last=False,
     )
+
+
+def embed_batch(batch, image_encoder, text_encoder, tokenizer, device, dtype):
+    """(image embeddings, text embeddings) of a batch: from the cache, or encoded now."""
+    if "image_embeddings" in batch:
+        return batch["image_embeddings"].to(device), batch["text_embeddings"].to(device)
+    image_embeddings = encode_images(image_encoder, batch["pixel_values"].to(device, dtype=dtype))
+    return image_embeddings, encode_text(text_encoder, tokenizer, batch["captions"], device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,8 +477,11 @@ class Validator:
         was_training = prior.training
         prior.eval()
         generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+        home = self.text_encoder.device  # the CPU once the embedding cache is built
+        self.text_encoder.to(accelerator.device)
         with torch.autocast(accelerator.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             images = generate_images(pipeline, self.decoder, args.validation_prompts, height=self.size, width=self.size, generator=generator)
+        self.text_encoder.to(home)
         prior.train(was_training)
         folder = os.path.join(args.output_dir, "validation")
         paths = []
@@ -547,15 +599,28 @@ def train(args):
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-    train_dataloader = make_dataloader(args, accelerator)  # data errors surface before the models load
+    dataset = load_data(args, accelerator)  # data errors surface before the models load
 
     dtype = weight_dtype_for(accelerator)
     prior, text_encoder, tokenizer, scheduler, image_encoder = load_frozen_models(args, accelerator.device, dtype)
+    if args.cache_embeddings:
+        examples = cached_examples(args, accelerator, dataset, image_encoder, text_encoder, tokenizer, dtype)
+        # The encoders are done: EfficientNet goes, CLIP waits on the CPU for validation prompts.
+        image_encoder = None
+        text_encoder.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    else:
+        from wuerstchen_data import CaptionedImages, ImageTransform
+
+        examples = CaptionedImages(dataset, args.image_column, args.caption_column, ImageTransform(args.resolution, args.center_crop, args.random_flip), args.seed)
+    train_dataloader = make_dataloader(args, examples)
+    torch.manual_seed(args.seed)  # the LoRA initialisation: same seed, same run
     lora_config, params = add_lora(prior, args)
     trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in prior.parameters())
     accelerator.print(f"LoRA: {trainable:,} trainable of {total:,} prior parameters ({100 * trainable / total:.2f}%)")
 
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = make_optimizer(args, params, accelerator.device)
     prior, optimizer, train_dataloader = accelerator.prepare(prior, optimizer, train_dataloader)
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -590,8 +655,7 @@ def train(args):
         for batch_index, batch in enumerate(batches, start=skip_batches if epoch == first_epoch else 0):
             torch.manual_seed(step_seed(args.seed, epoch, batch_index, accelerator.process_index))
             with accelerator.accumulate(prior):
-                image_embeddings = encode_images(image_encoder, batch["pixel_values"].to(accelerator.device, dtype=dtype))
-                text_embeddings = encode_text(text_encoder, tokenizer, batch["captions"], accelerator.device)
+                image_embeddings, text_embeddings = embed_batch(batch, image_encoder, text_encoder, tokenizer, accelerator.device, dtype)
                 loss = compute_loss(prior, scheduler, image_embeddings, text_embeddings)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:

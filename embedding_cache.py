@@ -1,0 +1,198 @@
+"""Embedding cache: EfficientNet and CLIP run once per image and caption, not once per step.
+
+Layout of one cache folder (`<cache dir>/<key>/`):
+    images-RRR.safetensors   per-image EfficientNet embeddings written by process RRR: "<i>" and,
+                             with --random_flip, "<i>.flip" (the flipped image, encoded: EfficientNet
+                             is not flip-equivariant)
+    texts-RRR.safetensors    "<i>.<j>": CLIP last_hidden_state of caption j of image i
+    empty.safetensors        the empty caption's embedding (caption dropout, unconditional)
+    manifest.json            written last: a folder without it is incomplete and never read
+
+The key hashes everything that changes the content: dataset identity and files, columns, selection,
+resolution, crop and flip settings, encoder and text-encoder weights, tokenizer and dtype.
+
+Each embedding is stored per image, with its own grid size, so that later aspect-ratio buckets fit.
+With --random_crop the image is resized (short side = resolution), its long side trimmed to a
+multiple of 32 and encoded whole; each epoch a random resolution/32-cell window of that grid is
+taken. That is a crop on the 32 px lattice, and the window's border cells saw their neighbours
+through EfficientNet's receptive field; pass --no_cache_embeddings for pixel-exact random crops.
+"""
+
+import hashlib
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from wuerstchen_data import sample_rng, to_rgb
+from wuerstchen_models import IMAGENET_MEAN, IMAGENET_STD, atomic_write_json
+
+CACHE_FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Key
+
+
+def _stat_digest(path):
+    """Names, sizes and modification times of a local file or of every file under a folder."""
+    h = hashlib.sha256()
+    if os.path.isfile(path):
+        st = os.stat(path)
+        h.update(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    elif os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                st = os.stat(full)
+                h.update(f"{os.path.relpath(full, path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    else:  # a hub id: its revision is part of the key, the dataset fingerprint covers the rest
+        h.update(path.encode())
+    return h.hexdigest()
+
+
+def cache_key(args, dataset, dtype, image_encoder_path):
+    prior = args.pretrained_prior_model_name_or_path
+    parts = {
+        "format": CACHE_FORMAT,
+        "dataset": args.dataset,
+        "dataset_files": _stat_digest(args.dataset),
+        "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
+        "rows": len(dataset),
+        "columns": [args.image_column, args.caption_column],
+        "resolution": args.resolution,
+        "center_crop": args.center_crop,
+        "random_flip": args.random_flip,
+        "image_encoder": _stat_digest(image_encoder_path),
+        "text_encoder": [prior, args.revision] + [_stat_digest(os.path.join(prior, sub)) for sub in ("text_encoder", "tokenizer")],
+        "dtype": str(dtype),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+
+
+def image_for_cache(image, resolution, center_crop):
+    """Resize the short side to `resolution`; centre-crop a square, or (random-crop mode) trim the
+    long side to a multiple of 32 so that the whole image is encoded on the lattice."""
+    image = TF.resize(to_rgb(image), resolution, interpolation=InterpolationMode.BILINEAR, antialias=True)
+    w, h = image.size
+    if center_crop:
+        tw = th = resolution
+    else:
+        tw, th = w // 32 * 32, h // 32 * 32
+    return TF.center_crop(image, [th, tw])
+
+
+def _pixels(image):
+    return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)[None]
+
+
+def _captions(value):
+    """Every caption of a row (one string or a list); the sampler picks one per epoch."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [v.strip() for v in values if isinstance(v, str) and v.strip()] or [""]
+
+
+def build_cache(folder, dataset, image_column, caption_column, args, encode_image, encode_text, accelerator):
+    """Encode this process's share of the dataset into `folder` (once), then wait for the others.
+
+    encode_image(pixels [1,3,H,W]) -> [1,16,h,w]; encode_text(list of str) -> [n,77,d].
+    """
+    from tqdm.auto import tqdm
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if os.path.isfile(os.path.join(folder, MANIFEST)):
+        accelerator.print(f"reusing embedding cache {folder}")
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    images, texts = {}, {}
+    indices = range(rank, len(dataset), world)
+    for i in tqdm(indices, desc="caching embeddings", disable=not accelerator.is_local_main_process):
+        row = dataset[i]
+        image = image_for_cache(row[image_column], args.resolution, args.center_crop)
+        images[str(i)] = encode_image(_pixels(image))[0].cpu().contiguous()
+        if args.random_flip:
+            images[f"{i}.flip"] = encode_image(_pixels(TF.hflip(image)))[0].cpu().contiguous()
+        for j, embedding in enumerate(encode_text(_captions(row[caption_column]))):
+            texts[f"{i}.{j}"] = embedding.cpu().contiguous()
+    _atomic_save(images, os.path.join(folder, f"images-{rank:03d}.safetensors"))
+    _atomic_save(texts, os.path.join(folder, f"texts-{rank:03d}.safetensors"))
+    if accelerator.is_main_process:
+        _atomic_save({"empty": encode_text([""])[0].cpu().contiguous()}, os.path.join(folder, "empty.safetensors"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(os.path.join(folder, MANIFEST), {"format": CACHE_FORMAT, "rows": len(dataset), "shards": world})
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def _atomic_save(tensors, path):
+    tmp = path + ".tmp"
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+class CachedExamples(torch.utils.data.Dataset):
+    """Samples from a complete cache: {"image_embeddings", "text_embeddings"}.
+
+    Crop window, flip and caption choice come from (seed, epoch, index), like the uncached path.
+    """
+
+    def __init__(self, folder, resolution, random_flip, seed):
+        with open(os.path.join(folder, MANIFEST)) as f:
+            manifest = json.load(f)
+        self.folder, self.rows, self.shards = folder, manifest["rows"], manifest["shards"]
+        self.grid = resolution // 32
+        self.random_flip, self.seed, self.epoch = random_flip, seed, 0
+        self._files = {}  # opened lazily: safe_open handles do not survive pickling into workers
+        self._caption_counts = None
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.rows
+
+    def _file(self, name):
+        if name not in self._files:
+            self._files[name] = safe_open(os.path.join(self.folder, name), framework="pt")
+        return self._files[name]
+
+    def caption_count(self, index):
+        if self._caption_counts is None:
+            counts = {}
+            for shard in range(self.shards):
+                for key in self._file(f"texts-{shard:03d}.safetensors").keys():
+                    i = int(key.split(".")[0])
+                    counts[i] = counts.get(i, 0) + 1
+            self._caption_counts = counts
+        return self._caption_counts[index]
+
+    def empty_text(self):
+        return self._file("empty.safetensors").get_tensor("empty")
+
+    def __getitem__(self, index):
+        rng = sample_rng(self.seed, self.epoch, index)
+        shard = index % self.shards
+        text = self._file(f"texts-{shard:03d}.safetensors").get_tensor(f"{index}.{rng.randrange(self.caption_count(index))}")
+        flip = self.random_flip and rng.random() < 0.5
+        image = self._file(f"images-{shard:03d}.safetensors").get_tensor(f"{index}.flip" if flip else str(index))
+        h, w = image.shape[-2:]
+        top, left = rng.randint(0, h - self.grid), rng.randint(0, w - self.grid)
+        return {
+            "image_embeddings": image[:, top : top + self.grid, left : left + self.grid].contiguous(),
+            "text_embeddings": text,
+        }
