@@ -20,6 +20,7 @@ from wuerstchen_models import (
     LORA_WEIGHTS_NAME,
     UserError,
     build_prior_pipeline,
+    check_lora_file,
     generate_images,
     load_decoder_pipeline,
     load_lora_checked,
@@ -36,7 +37,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="training output folder, a checkpoint-N folder, or the .safetensors file")
-    p.add_argument("--prompt", required=True)
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt")
+    prompt.add_argument("--prompt_file", help="a text file with one prompt per line (blank lines ignored)")
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--num_images", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -61,6 +64,15 @@ def parse_args(argv=None):
         if value != rounded:
             print(f"note: --{side} {value} is not a multiple of 128; using {rounded}", file=sys.stderr)
             setattr(args, side, rounded)
+    if args.prompt_file is not None:
+        if not os.path.isfile(args.prompt_file):
+            raise UserError(f"--prompt_file {args.prompt_file}: no such file")
+        with open(args.prompt_file, encoding="utf-8", errors="replace") as f:
+            args.prompts = [line.strip() for line in f if line.strip()]
+        if not args.prompts:
+            raise UserError(f"--prompt_file {args.prompt_file} holds no prompt")
+    else:
+        args.prompts = [args.prompt]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
     return args
@@ -78,6 +90,7 @@ def resolve_lora_path(checkpoint):
 
 
 def output_paths(output, n):
+    """One image: the path as given; several: numbered, in prompt order (prompt 0's images first)."""
     if n == 1:
         return [output]
     stem, ext = os.path.splitext(output)
@@ -106,12 +119,13 @@ def load_pipelines(args, lora_path):
 def run(args):
     quiet_library_logs()
     lora_path = resolve_lora_path(args.checkpoint)
+    check_lora_file(lora_path)  # before minutes of model loading
     prior_pipeline, decoder_pipeline = load_pipelines(args, lora_path)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     images = generate_images(
         prior_pipeline,
         decoder_pipeline,
-        [args.prompt],
+        args.prompts,
         negative_prompt=args.negative_prompt,
         height=args.height,
         width=args.width,

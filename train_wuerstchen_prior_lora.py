@@ -16,6 +16,7 @@ The output folder then holds the LoRA file (diffusers' `load_lora_weights` reads
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -81,6 +82,7 @@ def parse_args(argv=None):
     crop.add_argument("--random_crop", dest="center_crop", action="store_false", help="crop a random square (default)")
     g.add_argument("--random_flip", action="store_true", help="flip horizontally with probability 0.5")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--max_bad_images", type=float, default=0.05, help="largest share of unreadable images to skip before refusing to train")
     cache = g.add_mutually_exclusive_group()
     cache.add_argument("--cache_embeddings", dest="cache_embeddings", action="store_true", default=True, help="encode images and captions once and train from the cache (default; see embedding_cache.py for random crops)")
     cache.add_argument("--no_cache_embeddings", dest="cache_embeddings", action="store_false", help="run EfficientNet and CLIP on every step (pixel-exact random crops)")
@@ -103,6 +105,7 @@ def parse_args(argv=None):
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: the accelerate config, else fp16 on CUDA; always fp32 on a CPU")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in the backward pass: less memory, about 30%% slower")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
+    g.add_argument("--max_nonfinite_steps", type=int, default=5, help="stop after this many NaN/inf losses in a row (each is skipped)")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (optional package)")
     g.add_argument("--torch_compile", action="store_true", help="compile the prior with torch.compile (inductor); first steps are slow")
 
@@ -125,13 +128,16 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Cross-flag checks, before anything heavy is loaded."""
-    positive = ["rank", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "resolution"]
-    for name in positive + ["max_train_steps", "max_train_samples"]:
+    positive = ["rank", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "resolution", "learning_rate", "max_nonfinite_steps", "validation_steps"]
+    for name in positive + ["max_train_steps", "max_train_samples", "checkpoints_total_limit", "lora_alpha"]:
         value = getattr(args, name)
         if value is not None and value <= 0:
-            raise UserError(f"--{name} must be positive (got {value})")
-    if args.learning_rate <= 0:
-        raise UserError(f"--learning_rate must be positive (got {args.learning_rate})")
+            raise UserError(f"--{name} must be positive (got {value:g})")
+    for name in ("checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers", "max_grad_norm"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be 0 or more (got {getattr(args, name):g})")
+    if not 0 <= args.max_bad_images < 1:
+        raise UserError(f"--max_bad_images is a fraction in [0, 1) (got {args.max_bad_images:g})")
     if args.resolution % 32:
         raise UserError(f"--resolution {args.resolution} is not a multiple of 32 (EfficientNet stride); use {max(32, round(args.resolution / 32) * 32)}")
     if args.lora_alpha is None:
@@ -143,8 +149,15 @@ def check_args(args):
         raise UserError("--lora_target_modules is empty; the default is to_q,to_k,to_v,to_out.0")
     if os.path.isfile(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir} is a file; give a folder")
+    if args.resume_from_checkpoint == "latest" and not list_checkpoints(args.output_dir):
+        raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N in {args.output_dir}; start without the flag")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder; give a checkpoint-N folder or 'latest'")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)") from e
     if not args.dataset:
         raise UserError("--dataset is required: a hub dataset name, a local folder, or a .jsonl/.csv/.parquet file")
 
@@ -313,15 +326,38 @@ def step_seed(seed, epoch, batch_index, process_index):
 
 
 def load_data(args, accelerator):
-    """The dataset and its columns, selected and checked, before any model is loaded."""
-    from wuerstchen_data import load_training_dataset
+    """The dataset, selected and checked before any model is loaded: columns, captions, and every
+    image decoded once (each process checks its share). Unreadable images are dropped and counted;
+    too many of them, or none left, stop the run here."""
+    from accelerate.utils import gather_object
+    from transformers import CLIPTokenizer
+
+    from wuerstchen_data import caption_stats, find_bad_images, load_training_dataset
+    from wuerstchen_models import model_load_errors
 
     with accelerator.main_process_first():
         dataset, image_column, caption_column = load_training_dataset(args.dataset, args.image_column, args.caption_column, cache_dir=args.cache_dir)
+        with model_load_errors(args.pretrained_prior_model_name_or_path, "tokenizer"):
+            tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_prior_model_name_or_path, subfolder="tokenizer", revision=args.revision)
     if args.max_train_samples is not None:
         dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
     args.image_column, args.caption_column = image_column, caption_column
-    return dataset
+    share = range(accelerator.process_index, len(dataset), accelerator.num_processes)
+    bad = sorted(gather_object(find_bad_images(dataset, image_column, share)))
+    for index, name, reason in bad[:5]:
+        accelerator.print(f"warning: skipping {name}: {reason}")
+    if len(bad) > 5:
+        accelerator.print(f"warning: ... and {len(bad) - 5} more unreadable images")
+    if len(bad) == len(dataset):
+        raise UserError(f"--dataset {args.dataset}: none of the {len(dataset)} images could be read (e.g. {bad[0][1]}: {bad[0][2]})")
+    if len(bad) > args.max_bad_images * len(dataset):
+        raise UserError(f"--dataset {args.dataset}: {len(bad)} of {len(dataset)} images are unreadable, more than --max_bad_images {args.max_bad_images:g}; fix or remove them (first: {bad[0][1]}: {bad[0][2]})")
+    if bad:
+        bad_indices = {b[0] for b in bad}
+        dataset = dataset.select([i for i in range(len(dataset)) if i not in bad_indices])
+    report = {"images": len(dataset), "bad_images": len(bad), "bad_examples": [f"{n}: {r}" for _, n, r in bad[:20]]}
+    report.update(caption_stats(dataset, caption_column, tokenizer))
+    return dataset, report
 
 
 def cached_examples(args, accelerator, dataset, image_encoder, text_encoder, tokenizer, dtype):
@@ -591,102 +627,189 @@ def training_info(args, accelerator, lora_config, global_step, trainable, total)
 # Training
 
 
-def train(args):
-    accelerator = make_accelerator(args)
+class NonFiniteLoss(Exception):
+    """Too many NaN/inf losses in a row: the run stops, leaving the last good files as they were."""
+
+
+class Interrupted(Exception):
+    def __init__(self, signum, checkpoint):
+        super().__init__(signum, checkpoint)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+@contextlib.contextmanager
+def stop_on_signals(run):
+    """While training, SIGTERM/SIGINT ask for a checkpoint at the next optimiser step (a second
+    signal stops at once). accelerate's trigger is all-reduced at every step, so all processes
+    stop at the same step. Before training there is nothing to save, and the defaults apply."""
+    import signal
+
+    def handler(signum, frame):
+        run.stop_signals.append(signum)
+        run.accelerator.set_trigger()
+        signal.signal(signum, signal.SIG_DFL)
+
+    run.stop_signals = []
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def setup(args):
+    """Everything the loop needs, in the order that matters: data is checked before models load,
+    embeddings are cached before the encoders leave the device, LoRA exists before the optimiser."""
+    run = argparse.Namespace(args=args)
+    run.accelerator = accelerator = make_accelerator(args)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING if accelerator.is_main_process else logging.ERROR)
     quiet_library_logs()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-    dataset = load_data(args, accelerator)  # data errors surface before the models load
+    dataset, run.data_report = load_data(args, accelerator)
 
-    dtype = weight_dtype_for(accelerator)
-    prior, text_encoder, tokenizer, scheduler, image_encoder = load_frozen_models(args, accelerator.device, dtype)
+    run.dtype = dtype = weight_dtype_for(accelerator)
+    prior, run.text_encoder, run.tokenizer, run.scheduler, run.image_encoder = load_frozen_models(args, accelerator.device, dtype)
     if args.cache_embeddings:
-        examples = cached_examples(args, accelerator, dataset, image_encoder, text_encoder, tokenizer, dtype)
+        examples = cached_examples(args, accelerator, dataset, run.image_encoder, run.text_encoder, run.tokenizer, dtype)
         # The encoders are done: EfficientNet goes, CLIP waits on the CPU for validation prompts.
-        image_encoder = None
-        text_encoder.to("cpu")
+        run.image_encoder = None
+        run.text_encoder.to("cpu")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     else:
         from wuerstchen_data import CaptionedImages, ImageTransform
 
         examples = CaptionedImages(dataset, args.image_column, args.caption_column, ImageTransform(args.resolution, args.center_crop, args.random_flip), args.seed)
-    train_dataloader = make_dataloader(args, examples)
-    torch.manual_seed(args.seed)  # the LoRA initialisation: same seed, same run
-    lora_config, params = add_lora(prior, args)
-    trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in prior.parameters())
-    accelerator.print(f"LoRA: {trainable:,} trainable of {total:,} prior parameters ({100 * trainable / total:.2f}%)")
 
-    optimizer = make_optimizer(args, params, accelerator.device)
-    prior, optimizer, train_dataloader = accelerator.prepare(prior, optimizer, train_dataloader)
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    torch.manual_seed(args.seed)  # the LoRA initialisation: same seed, same run
+    run.lora_config, run.params = add_lora(prior, args)
+    trainable, total = sum(p.numel() for p in run.params), sum(p.numel() for p in prior.parameters())
+    accelerator.print(f"LoRA: {trainable:,} trainable of {total:,} prior parameters ({100 * trainable / total:.2f}%)")
+    optimizer = make_optimizer(args, run.params, accelerator.device)
+    run.prior, run.optimizer, run.dataloader = accelerator.prepare(prior, optimizer, make_dataloader(args, examples))
+    run.steps_per_epoch = math.ceil(len(run.dataloader) / args.gradient_accumulation_steps)
+    run.max_steps = args.max_train_steps or args.num_train_epochs * run.steps_per_epoch
 
     from diffusers.optimization import get_scheduler
 
     # accelerate steps a prepared scheduler once per process per optimiser step, hence the factor.
-    lr_scheduler = accelerator.prepare(get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes, num_training_steps=max_steps * accelerator.num_processes))
+    run.lr_scheduler = accelerator.prepare(get_scheduler(args.lr_scheduler, run.optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes, num_training_steps=run.max_steps * accelerator.num_processes))
+    run.unwrapped = accelerator.unwrap_model(run.prior)
+    run.info = training_info(args, accelerator, run.lora_config, 0, trainable, total)
+    run.info["data"] = run.data_report
+    register_lora_checkpoint_hooks(accelerator, run.unwrapped, run.lora_config, run.info)
+    run.validate = Validator(args, accelerator, run.text_encoder, run.tokenizer, run.scheduler, dtype) if args.validation_prompts else None
+    return run
 
-    unwrapped = accelerator.unwrap_model(prior)
-    info = training_info(args, accelerator, lora_config, 0, trainable, total)
-    register_lora_checkpoint_hooks(accelerator, unwrapped, lora_config, info)
+
+def training_step(run, batch, epoch, batch_index):
+    """One micro-batch: forward, backward, and at the end of an accumulation window the update.
+
+    Returns the loss, or None when it was not finite (then no gradient is kept from the window).
+    All processes agree on finiteness, so they skip together and DDP's collectives stay matched.
+    """
+    args, accelerator = run.args, run.accelerator
+    torch.manual_seed(step_seed(args.seed, epoch, batch_index, accelerator.process_index))
+    with accelerator.accumulate(run.prior):
+        image_embeddings, text_embeddings = embed_batch(batch, run.image_encoder, run.text_encoder, run.tokenizer, accelerator.device, run.dtype)
+        loss = compute_loss(run.prior, run.scheduler, image_embeddings, text_embeddings)
+        finite = bool(accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum").item() == accelerator.num_processes)
+        run.window_finite = run.window_finite and finite
+        if finite:
+            accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            if run.window_finite:
+                if args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
+                run.optimizer.step()
+            run.lr_scheduler.step()  # in step with global_step even when the update is skipped
+            run.optimizer.zero_grad(set_to_none=True)
+    return loss if finite else None
+
+
+def after_update(run, loss, global_step):
+    """Logging, the non-finite guard, checkpoints, signals and validation after an optimiser step."""
+    args, accelerator = run.args, run.accelerator
+    window_finite, run.window_finite = run.window_finite, True
+    run.nonfinite_in_a_row = 0 if window_finite else run.nonfinite_in_a_row + 1
+    run.nonfinite_total += not window_finite
+    if run.nonfinite_in_a_row >= args.max_nonfinite_steps:
+        last = list_checkpoints(args.output_dir)
+        raise NonFiniteLoss(
+            f"stopped at step {global_step}: {run.nonfinite_in_a_row} non-finite losses in a row (NaN/inf). "
+            f"Last good checkpoint: {last[-1][1] if last else 'none'}. Try --mixed_precision bf16 or a lower --learning_rate"
+        )
+    logs = {"train/lr": run.lr_scheduler.get_last_lr()[0], "train/skipped_steps": run.nonfinite_total}
+    if loss is not None:
+        logs["train/loss"] = accelerator.gather(loss.detach()).mean().item()
+    run.progress.update(1)
+    run.progress.set_postfix(loss=f"{logs.get('train/loss', float('nan')):.4f}", lr=f"{logs['train/lr']:.2e}")
+    accelerator.log(logs, step=global_step)
+    run.info["global_step"] = global_step
+    stop = accelerator.check_trigger()
+    if stop or (args.checkpointing_steps and global_step % args.checkpointing_steps == 0):
+        path = save_checkpoint(accelerator, args, global_step)
+        if stop:
+            raise Interrupted(run.stop_signals[0] if run.stop_signals else 15, path)
+    if run.validate and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+        run.validate(run.unwrapped, global_step)
+
+
+def train(args):
+    run = setup(args)
+    accelerator = run.accelerator
     global_step = resume_checkpoint(accelerator, args) if args.resume_from_checkpoint else 0
-
     if accelerator.is_main_process:
         atomic_write_json(os.path.join(args.output_dir, "args.json"), vars(args))
     if args.report_to != "none":
         accelerator.init_trackers("wuerstchen-prior-lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()})
-    validate = Validator(args, accelerator, text_encoder, tokenizer, scheduler, dtype) if args.validation_prompts else None
     effective_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    accelerator.print(f"{len(train_dataloader.dataset)} samples, {max_steps} steps, effective batch {effective_batch}, {args.mixed_precision} on {accelerator.device}")
+    accelerator.print(f"{len(run.dataloader.dataset)} samples, {run.max_steps} steps, effective batch {effective_batch} "
+                      f"({args.train_batch_size} x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation), "
+                      f"{args.mixed_precision} on {accelerator.device}")
 
     from tqdm.auto import tqdm
 
-    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    first_epoch, skip_batches = divmod(global_step, steps_per_epoch)
-    skip_batches *= args.gradient_accumulation_steps
-    for epoch in range(first_epoch, num_epochs):
-        train_dataloader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if epoch == first_epoch and skip_batches else train_dataloader
-        for batch_index, batch in enumerate(batches, start=skip_batches if epoch == first_epoch else 0):
-            torch.manual_seed(step_seed(args.seed, epoch, batch_index, accelerator.process_index))
-            with accelerator.accumulate(prior):
-                image_embeddings, text_embeddings = embed_batch(batch, image_encoder, text_encoder, tokenizer, accelerator.device, dtype)
-                loss = compute_loss(prior, scheduler, image_embeddings, text_embeddings)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            logs = {"train/loss": accelerator.gather(loss.detach()).mean().item(), "train/lr": lr_scheduler.get_last_lr()[0]}
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
-            accelerator.log(logs, step=global_step)
-            info["global_step"] = global_step
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, global_step)
-            if validate and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                validate(unwrapped, global_step)
-            if global_step >= max_steps:
-                break
-        skip_batches = 0
-    progress.close()
+    run.progress = tqdm(total=run.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    run.nonfinite_in_a_row = run.nonfinite_total = 0
+    run.window_finite = True
+    # Resume point: whole epochs done, then the batches of the current epoch already consumed.
+    first_epoch, skip = divmod(global_step, run.steps_per_epoch)
+    skip *= args.gradient_accumulation_steps
+    with run.progress, stop_on_signals(run):  # the bar closes on any exit: an error starts on its own line
+        for epoch in range(first_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
+            run.dataloader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader
+            for batch_index, batch in enumerate(batches, start=skip):
+                loss = training_step(run, batch, epoch, batch_index)
+                if accelerator.sync_gradients:
+                    global_step += 1
+                    after_update(run, loss, global_step)
+                    if global_step >= run.max_steps:
+                        break
+            skip = 0
 
     accelerator.wait_for_everyone()
-    info["global_step"] = global_step
-    write_outputs(accelerator, args, unwrapped, lora_config, info)
-    if validate and global_step % args.validation_steps and accelerator.is_main_process:
-        validate(unwrapped, global_step)
+    run.info["global_step"] = global_step
+    run.info["data"]["skipped_nonfinite_steps"] = run.nonfinite_total
+    write_outputs(accelerator, args, run.unwrapped, run.lora_config, run.info)
+    if run.validate and global_step % args.validation_steps and accelerator.is_main_process:
+        run.validate(run.unwrapped, global_step)
+    print_summary(accelerator, run.info["data"])
     accelerator.end_training()
     return global_step
+
+
+def print_summary(accelerator, report):
+    lines = [f"skipped {report['bad_images']} unreadable images" + (f" (e.g. {report['bad_examples'][0]})" if report["bad_examples"] else "")]
+    for key, text in (("empty_captions", "empty captions (trained as unconditional)"), ("long_captions", "captions longer than 77 tokens (truncated)"),
+                      ("non_utf8_caption_files", "caption files not in UTF-8 (read as Latin-1)"), ("skipped_nonfinite_steps", "steps skipped for a non-finite loss")):
+        lines.append(f"{report.get(key, 0)} {text}")
+    accelerator.print("data summary: " + "; ".join(lines))
 
 
 def main(argv=None):
@@ -696,6 +819,15 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(f"interrupted: saved {e.checkpoint}; continue with --resume_from_checkpoint latest", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("interrupted before a checkpoint could be written; nothing was saved", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -6,6 +6,7 @@ folder of images each with a same-stem `.txt` caption (the kohya/OneTrainer conv
 """
 
 import hashlib
+import io
 import os
 import random
 
@@ -36,6 +37,19 @@ def _list_images(folder):
     return found
 
 
+NON_UTF8_CAPTIONS = []  # caption files that were not UTF-8 (read as Latin-1), for the run summary
+
+
+def read_caption_file(path):
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        NON_UTF8_CAPTIONS.append(path)
+        return raw.decode("latin-1").strip()
+
+
 def _caption_folder(folder, images):
     """A folder of images with same-stem .txt captions, as a datasets.Dataset."""
     import datasets
@@ -46,8 +60,7 @@ def _caption_folder(folder, images):
         if not os.path.isfile(txt):
             missing.append(os.path.relpath(image, folder))
             continue
-        with open(txt, encoding="utf-8", errors="replace") as f:
-            captions.append(f.read().strip())
+        captions.append(read_caption_file(txt))
         paths.append(image)
     if missing:
         raise UserError(
@@ -80,7 +93,12 @@ def _load_from_file(path, cache_dir):
     builder = FILE_BUILDERS.get(os.path.splitext(path)[1].lower())
     if builder is None:
         raise UserError(f"--dataset {path}: unsupported file type; use .jsonl, .csv or .parquet, or a folder")
-    return datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
+    if os.path.getsize(path) == 0:
+        raise UserError(f"--dataset {path}: the file is empty")
+    try:
+        return datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
+    except Exception as e:  # the builders raise many types for a malformed file; all mean the same to the user
+        raise UserError(f"--dataset {path}: could not be read as {builder} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
 
 def _load_from_hub(name, revision, cache_dir):
@@ -143,6 +161,63 @@ def load_training_dataset(spec, image_column=None, caption_column=None, revision
             )
         dataset = dataset.cast_column(image_column, datasets.Image())
     return dataset, image_column, caption_column
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking every image once, before training
+
+MIN_IMAGE_SIDE = 32  # one EfficientNet cell; anything smaller is upscaled into mush
+
+
+def image_problem(value):
+    """Why an undecoded image value ({"bytes", "path"} or a path) cannot be used, or None."""
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+    else:
+        data, path = None, value
+    try:
+        if data is None and path and os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
+            image.load()
+            w, h = image.size
+    except FileNotFoundError:
+        return "file not found"
+    except (Image.UnidentifiedImageError, Image.DecompressionBombError):
+        return "not an image"
+    except (OSError, ValueError, SyntaxError) as e:
+        return f"truncated or corrupt ({str(e).splitlines()[0][:80]})"
+    if min(w, h) < MIN_IMAGE_SIDE:
+        return f"too small ({w}x{h}; the short side needs {MIN_IMAGE_SIDE} px)"
+    return None
+
+
+def find_bad_images(dataset, image_column, indices):
+    """[(index, name, reason)] for the images among `indices` that cannot be decoded or used."""
+    import datasets
+
+    raw = dataset.cast_column(image_column, datasets.Image(decode=False))
+    bad = []
+    for i in indices:
+        value = raw[i][image_column]
+        reason = image_problem(value)
+        if reason:
+            name = value.get("path") if isinstance(value, dict) else value
+            bad.append((i, name or f"row {i}", reason))
+    return bad
+
+
+def caption_stats(dataset, caption_column, tokenizer=None):
+    """Counts of empty captions and of captions longer than the text encoder's 77 tokens."""
+    empty = long = 0
+    limit = getattr(tokenizer, "model_max_length", 77)
+    for value in dataset[caption_column]:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        texts = [v.strip() for v in values if isinstance(v, str) and v.strip()]
+        empty += not texts
+        if tokenizer is not None and texts:
+            long += any(len(ids) > limit for ids in tokenizer(texts).input_ids)
+    return {"empty_captions": empty, "long_captions": long, "non_utf8_caption_files": len(NON_UTF8_CAPTIONS)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ on diffusers 0.42), the EfficientNet image encoder that no diffusers repo ships,
 function used both for validation during training and for inference.
 """
 
+import contextlib
 import json
 import os
+import pickle
 import tempfile
 
 import torch
@@ -62,6 +64,7 @@ def quiet_library_logs():
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars for every tiny load
 
 
 class UserError(Exception):
@@ -113,12 +116,16 @@ def resolve_image_encoder_path(spec):
         return spec
     from huggingface_hub import hf_hub_download
 
-    return hf_hub_download(DEFAULT_IMAGE_ENCODER_REPO, DEFAULT_IMAGE_ENCODER_FILE)
+    with model_load_errors(f"{DEFAULT_IMAGE_ENCODER_REPO}/{DEFAULT_IMAGE_ENCODER_FILE}", "image encoder"):
+        return hf_hub_download(DEFAULT_IMAGE_ENCODER_REPO, DEFAULT_IMAGE_ENCODER_FILE)
 
 
 def load_image_encoder(spec=None):
     path = resolve_image_encoder_path(spec)
-    state = _read_encoder_state_dict(path)
+    try:
+        state = _read_encoder_state_dict(path)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:  # damaged, or a pickle with code in it
+        raise UserError(f"--image_encoder {path}: cannot be read as weights ({str(e).splitlines()[0][:150]})") from e
     c_latent = state["mapper.0.weight"].shape[0] if "mapper.0.weight" in state else 16
     with torch.device("meta"):  # skip the random init: every weight is overwritten below
         encoder = EfficientNetEncoder(c_latent)
@@ -140,11 +147,22 @@ def load_prior_components(path, revision=None):
     """Prior, CLIP text encoder, tokenizer and scheduler from a repo laid out like warp-ai/wuerstchen-prior."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    prior = WuerstchenPrior.from_pretrained(path, subfolder="prior", revision=revision)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision)
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
-    scheduler = DDPMWuerstchenScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+    with model_load_errors(path, "prior"):
+        prior = WuerstchenPrior.from_pretrained(path, subfolder="prior", revision=revision)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
+        scheduler = DDPMWuerstchenScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
     return prior, text_encoder, tokenizer, scheduler
+
+
+@contextlib.contextmanager
+def model_load_errors(path, what):
+    """A missing folder, a wrong hub id or no network: one line naming the path, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the {what} from {path}: {str(e).splitlines()[0][:200]}; "
+                        "give a hub id or a folder laid out like the hub repo") from e
 
 
 def use_sdpa_attention(prior):
@@ -166,13 +184,14 @@ def load_decoder_pipeline(path, revision=None, dtype=torch.float32, device="cpu"
     """Stages B and A (decoder, VQGAN) with their own CLIP text encoder, from a repo like warp-ai/wuerstchen."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    parts = dict(
-        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision),
-        decoder=WuerstchenDiffNeXt.from_pretrained(path, subfolder="decoder", revision=revision),
-        scheduler=DDPMWuerstchenScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
-        vqgan=PaellaVQModel.from_pretrained(path, subfolder="vqgan", revision=revision),
-    )
+    with model_load_errors(path, "decoder"):
+        parts = dict(
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision),
+            decoder=WuerstchenDiffNeXt.from_pretrained(path, subfolder="decoder", revision=revision),
+            scheduler=DDPMWuerstchenScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
+            vqgan=PaellaVQModel.from_pretrained(path, subfolder="vqgan", revision=revision),
+        )
     pipe = WuerstchenDecoderPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
@@ -287,16 +306,15 @@ def save_lora_file(output_dir, lora_state_dict, lora_config_dict):
 
 
 def read_lora_keys(path):
-    with safe_open(path, framework="pt") as f:
-        return list(f.keys())
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error type for a damaged or non-safetensors file
+        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from e
 
 
-def load_lora_checked(prior_pipeline, lora_path, adapter_name="lora"):
-    """Load a LoRA file into the prior pipeline and make sure the prior took every tensor in it.
-
-    diffusers skips keys with a foreign prefix with only a log line, which would silently give
-    base-model images; here that is an error naming the file.
-    """
+def check_lora_file(lora_path):
+    """Refuse, before any model loads, a file that is not a safetensors Wuerstchen prior LoRA."""
     if not lora_path.endswith(".safetensors"):
         raise UserError(f"{lora_path}: only .safetensors LoRA files are loaded (pickle files can run code)")
     keys = read_lora_keys(lora_path)
@@ -307,6 +325,16 @@ def load_lora_checked(prior_pipeline, lora_path, adapter_name="lora"):
             f"{lora_path} is not a Wuerstchen prior LoRA: {len(keys) - len(prior_keys)} of {len(keys)} keys lack "
             f"the 'prior.' prefix (e.g. {sample}); train one with train_wuerstchen_prior_lora.py"
         )
+    return prior_keys
+
+
+def load_lora_checked(prior_pipeline, lora_path, adapter_name="lora"):
+    """Load a LoRA file into the prior pipeline and make sure the prior took every tensor in it.
+
+    diffusers skips keys with a foreign prefix with only a log line, which would silently give
+    base-model images; here that is an error naming the file.
+    """
+    prior_keys = check_lora_file(lora_path)
     folder, name = os.path.split(os.path.abspath(lora_path))
     try:
         prior_pipeline.load_lora_weights(folder, weight_name=name, adapter_name=adapter_name)

@@ -187,6 +187,7 @@ def test_torch_compile_flag_reaches_accelerate(tiny, tmp_path):
     from accelerate.state import AcceleratorState
 
     args = cache_args(tiny, torch_compile=True, output_dir=str(tmp_path), report_to="none")
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier in-process runs may have set it up
     try:
         accelerator = trainer.make_accelerator(args)
         assert accelerator.state.dynamo_plugin.backend.value.lower() == "inductor"

@@ -16,7 +16,7 @@ def readme_commands():
     commands = []
     for block in blocks:
         for command in block.replace("\\\n", " ").splitlines():
-            if re.search(r"(train_wuerstchen_prior_lora|infer)\.py", command):
+            if re.match(r"\s*(accelerate launch|python3?|torchrun)\b.*(train_wuerstchen_prior_lora|infer)\.py", command):
                 commands.append(command.strip())
     return commands
 
