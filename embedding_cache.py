@@ -186,6 +186,7 @@ class CachedExamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         rng = sample_rng(self.seed, self.epoch, index)
+        noise_seed = rng.getrandbits(63)
         shard = index % self.shards
         text = self._file(f"texts-{shard:03d}.safetensors").get_tensor(f"{index}.{rng.randrange(self.caption_count(index))}")
         flip = self.random_flip and rng.random() < 0.5
@@ -193,6 +194,7 @@ class CachedExamples(torch.utils.data.Dataset):
         h, w = image.shape[-2:]
         top, left = rng.randint(0, h - self.grid), rng.randint(0, w - self.grid)
         return {
+            "noise_seed": noise_seed,
             "image_embeddings": image[:, top : top + self.grid, left : left + self.grid].contiguous(),
             "text_embeddings": text,
         }

@@ -42,6 +42,7 @@ from wuerstchen_models import (
     atomic_write_json,
     build_prior_pipeline,
     generate_images,
+    lora_digest,
     output_size_for_training_resolution,
     quiet_library_logs,
     save_lora_file,
@@ -199,7 +200,11 @@ def make_accelerator(args):
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     mixed_precision, notice = resolve_mixed_precision(args.mixed_precision)
+    # Several processes and no GPU (a CPU test, or `accelerate launch --multi_gpu` on a CPU box):
+    # accelerate only sets up gloo when told to use the CPU.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=distributed and not torch.cuda.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -311,8 +316,19 @@ def compute_loss(prior, scheduler, image_embeddings, text_embeddings, noise=None
     return F.mse_loss(pred.float(), noise.float())
 
 
+def sample_noise(noise_seeds, shape, device):
+    """Each sample's noise and timestep from its own seed (drawn by the dataset from seed, epoch and
+    sample index): the same sample gets the same noise whatever the batch size or process count."""
+    noises, timesteps = [], []
+    for seed in noise_seeds.tolist():
+        g = torch.Generator().manual_seed(seed)
+        timesteps.append(torch.rand((), generator=g))
+        noises.append(torch.randn(shape, generator=g))
+    return torch.stack(noises).to(device), torch.stack(timesteps).to(device)
+
+
 def step_seed(seed, epoch, batch_index, process_index):
-    """Seed for one step's noise, timesteps and dropout.
+    """Seed for the global RNG in one step (the prior's dropout).
 
     Re-seeding every step from (seed, epoch, batch, rank) makes a resumed run draw exactly what an
     uninterrupted one would, however many numbers data loading or validation consumed meanwhile.
@@ -414,9 +430,27 @@ def list_checkpoints(output_dir):
     return sorted(found)
 
 
+def sharded_engine(accelerator):
+    """FSDP and DeepSpeed save and load the model state themselves; DDP and one process use our hooks."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def gathered_lora_state(accelerator, model, prior):
+    """The LoRA tensors under peft's names, complete on the main process.
+
+    A collective under FSDP and DeepSpeed (they shard parameters): every process must call it.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    full = accelerator.get_state_dict(model)
+    return get_peft_model_state_dict(prior, state_dict=full) if full is not None else {}
+
+
 def register_lora_checkpoint_hooks(accelerator, prior, lora_config, info):
     """Checkpoints hold the LoRA file instead of the whole 4 GB prior, and resume into the SAME adapter."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     def is_prior(model):
@@ -425,15 +459,19 @@ def register_lora_checkpoint_hooks(accelerator, prior, lora_config, info):
     def save_hook(models, weights, output_dir):
         for i in reversed(range(len(models))):
             if is_prior(models[i]):
+                state = gathered_lora_state(accelerator, models[i], prior)
                 if accelerator.is_main_process:
-                    save_lora_file(output_dir, get_peft_model_state_dict(prior), lora_config_dict(lora_config))
+                    save_lora_file(output_dir, state, lora_config_dict(lora_config))
                     atomic_write_json(os.path.join(output_dir, TRAINING_INFO_NAME), info)
-                if weights:
-                    weights.pop(i)
+                if weights and not sharded_engine(accelerator):
+                    weights.pop(i)  # accelerate would otherwise write the whole prior
 
     def load_hook(models, input_dir):
+        if sharded_engine(accelerator):
+            return  # the engine restores its own (sharded) model state
         for i in reversed(range(len(models))):
-            if is_prior(models.pop(i)):
+            if is_prior(models[i]):
+                models.pop(i)
                 state = load_file(os.path.join(input_dir, LORA_WEIGHTS_NAME))
                 state = {k[len("prior.") :]: v for k, v in state.items() if k.startswith("prior.")}
                 result = set_peft_model_state_dict(prior, state)
@@ -591,17 +629,28 @@ image = decoder(embeddings, prompt="{prompts[0]}").images[0]
 """
 
 
-def write_outputs(accelerator, args, prior, lora_config, info):
-    """The final LoRA file, training_info.json, args.json and the model card (main process only)."""
-    from peft.utils import get_peft_model_state_dict
+def write_outputs(run, args, info):
+    """The final LoRA file, training_info.json, args.json and the model card, written by the main
+    process alone, after checking that every process holds the same LoRA weights."""
+    from accelerate.utils import gather_object
 
+    accelerator = run.accelerator
+    state = gathered_lora_state(accelerator, run.prior, run.unwrapped)
+    if accelerator.num_processes > 1 and not sharded_engine(accelerator):
+        from peft.utils import get_peft_model_state_dict
+
+        digests = gather_object([lora_digest(get_peft_model_state_dict(run.unwrapped))])
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"LoRA weights differ between processes ({digests}); the distributed set-up is broken")
+        accelerator.print(f"LoRA weights identical on all {accelerator.num_processes} processes (sha256 {digests[0][:16]})")
     if not accelerator.is_main_process:
         return
-    path = save_lora_file(args.output_dir, get_peft_model_state_dict(prior), lora_config_dict(lora_config))
+    path = save_lora_file(args.output_dir, state, lora_config_dict(run.lora_config))
     atomic_write_json(os.path.join(args.output_dir, TRAINING_INFO_NAME), info)
     atomic_write_json(os.path.join(args.output_dir, "args.json"), vars(args))
     atomic_write_bytes(os.path.join(args.output_dir, "README.md"), model_card(args, info).encode())
-    accelerator.print(f"wrote {path}")
+    # A plain print: only the process that really wrote the files says so.
+    print(f"process {accelerator.process_index} wrote {path}", flush=True)
 
 
 def training_info(args, accelerator, lora_config, global_step, trainable, total):
@@ -703,6 +752,12 @@ def setup(args):
     run.info["data"] = run.data_report
     register_lora_checkpoint_hooks(accelerator, run.unwrapped, run.lora_config, run.info)
     run.validate = Validator(args, accelerator, run.text_encoder, run.tokenizer, run.scheduler, dtype) if args.validation_prompts else None
+    from accelerate.utils import DistributedType
+
+    if run.validate and accelerator.distributed_type == DistributedType.FSDP:
+        # The main process alone cannot run a sharded prior; render with infer.py on a checkpoint instead.
+        accelerator.print("note: validation images are not rendered under FSDP; use infer.py on a checkpoint-N folder")
+        run.validate = None
     return run
 
 
@@ -716,7 +771,8 @@ def training_step(run, batch, epoch, batch_index):
     torch.manual_seed(step_seed(args.seed, epoch, batch_index, accelerator.process_index))
     with accelerator.accumulate(run.prior):
         image_embeddings, text_embeddings = embed_batch(batch, run.image_encoder, run.text_encoder, run.tokenizer, accelerator.device, run.dtype)
-        loss = compute_loss(run.prior, run.scheduler, image_embeddings, text_embeddings)
+        noise, timesteps = sample_noise(batch["noise_seed"], image_embeddings.shape[1:], accelerator.device)
+        loss = compute_loss(run.prior, run.scheduler, image_embeddings, text_embeddings, noise, timesteps)
         finite = bool(accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum").item() == accelerator.num_processes)
         run.window_finite = run.window_finite and finite
         if finite:
@@ -796,7 +852,7 @@ def train(args):
     accelerator.wait_for_everyone()
     run.info["global_step"] = global_step
     run.info["data"]["skipped_nonfinite_steps"] = run.nonfinite_total
-    write_outputs(accelerator, args, run.unwrapped, run.lora_config, run.info)
+    write_outputs(run, args, run.info)
     if run.validate and global_step % args.validation_steps and accelerator.is_main_process:
         run.validate(run.unwrapped, global_step)
     print_summary(accelerator, run.info["data"])

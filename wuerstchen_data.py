@@ -248,8 +248,9 @@ def to_rgb(image):
 def sample_rng(seed, epoch, index):
     """A random source for one sample in one epoch.
 
-    Crops, flips and caption choices come from (seed, epoch, index) alone, so a resumed run, or a
-    run with another worker count, sees exactly the same augmented samples. torchvision's random
+    Crops, flips, caption choices and the sample's diffusion noise and timestep come from
+    (seed, epoch, index) alone, so a resumed run, or a run with another worker or process count,
+    sees exactly the same samples. torchvision's random
     transforms draw from the global RNG, which does not give that; hence the hand-written choices.
     """
     digest = hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()
@@ -306,6 +307,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         row = self.dataset[index]
         rng = sample_rng(self.seed, self.epoch, index)
         return {
+            "noise_seed": rng.getrandbits(63),
             "pixel_values": self.transform(row[self.image_column], rng),
             "caption": pick_caption(row[self.caption_column], rng),
         }
@@ -313,6 +315,7 @@ class CaptionedImages(torch.utils.data.Dataset):
 
 def collate(examples):
     return {
+        "noise_seed": torch.tensor([e["noise_seed"] for e in examples]),
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
         "captions": [e["caption"] for e in examples],
     }

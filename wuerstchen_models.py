@@ -305,6 +305,18 @@ def save_lora_file(output_dir, lora_state_dict, lora_config_dict):
     return os.path.join(output_dir, LORA_WEIGHTS_NAME)
 
 
+def lora_digest(state_dict):
+    """sha256 of LoRA tensors (names without any 'prior.' prefix, fp32): equal weights, equal digest."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        name = key[len("prior.") :] if key.startswith("prior.") else key
+        h.update(name.encode())
+        h.update(state_dict[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def read_lora_keys(path):
     try:
         with safe_open(path, framework="pt") as f:
