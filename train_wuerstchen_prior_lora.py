@@ -18,12 +18,9 @@ The output folder then holds the LoRA file (diffusers' `load_lora_weights` reads
 import argparse
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
-import re
-import shutil
 import sys
 
 import torch
@@ -35,23 +32,22 @@ from wuerstchen_models import (
     DEFAULT_PRIOR,
     EMBEDDING_SCALE,
     EMBEDDING_SHIFT,
-    LORA_WEIGHTS_NAME,
-    TRAINING_INFO_NAME,
     UserError,
-    atomic_write_bytes,
     atomic_write_json,
     build_prior_pipeline,
     generate_images,
-    lora_digest,
     output_size_for_training_resolution,
     quiet_library_logs,
-    save_lora_file,
     save_png,
 )
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-TRAINER_STATE_NAME = "trainer_state.json"
-
+from training_outputs import (
+    list_checkpoints,
+    register_lora_checkpoint_hooks,
+    resume_checkpoint,
+    save_checkpoint,
+    training_info,
+    write_outputs,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments
@@ -265,11 +261,6 @@ def add_lora(prior, args):
     return config, params
 
 
-def lora_config_dict(config):
-    d = config.to_dict()
-    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
-
-
 def make_optimizer(args, params, device):
     """AdamW: bitsandbytes' 8-bit version on request, PyTorch's fused kernel on CUDA."""
     kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -415,117 +406,6 @@ def embed_batch(batch, image_encoder, text_encoder, tokenizer, device, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def list_checkpoints(output_dir):
-    """Complete checkpoints as (step, path), oldest first; a folder without its state file is ignored."""
-    found = []
-    if os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            m = CHECKPOINT_RE.match(name)
-            path = os.path.join(output_dir, name)
-            if m and os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
-                found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
-def sharded_engine(accelerator):
-    """FSDP and DeepSpeed save and load the model state themselves; DDP and one process use our hooks."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
-
-def gathered_lora_state(accelerator, model, prior):
-    """The LoRA tensors under peft's names, complete on the main process.
-
-    A collective under FSDP and DeepSpeed (they shard parameters): every process must call it.
-    """
-    from peft.utils import get_peft_model_state_dict
-
-    full = accelerator.get_state_dict(model)
-    return get_peft_model_state_dict(prior, state_dict=full) if full is not None else {}
-
-
-def register_lora_checkpoint_hooks(accelerator, prior, lora_config, info):
-    """Checkpoints hold the LoRA file instead of the whole 4 GB prior, and resume into the SAME adapter."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    def is_prior(model):
-        return accelerator.unwrap_model(model) is prior
-
-    def save_hook(models, weights, output_dir):
-        for i in reversed(range(len(models))):
-            if is_prior(models[i]):
-                state = gathered_lora_state(accelerator, models[i], prior)
-                if accelerator.is_main_process:
-                    save_lora_file(output_dir, state, lora_config_dict(lora_config))
-                    atomic_write_json(os.path.join(output_dir, TRAINING_INFO_NAME), info)
-                if weights and not sharded_engine(accelerator):
-                    weights.pop(i)  # accelerate would otherwise write the whole prior
-
-    def load_hook(models, input_dir):
-        if sharded_engine(accelerator):
-            return  # the engine restores its own (sharded) model state
-        for i in reversed(range(len(models))):
-            if is_prior(models[i]):
-                models.pop(i)
-                state = load_file(os.path.join(input_dir, LORA_WEIGHTS_NAME))
-                state = {k[len("prior.") :]: v for k, v in state.items() if k.startswith("prior.")}
-                result = set_peft_model_state_dict(prior, state)
-                unexpected = getattr(result, "unexpected_keys", None)
-                if unexpected:
-                    raise UserError(f"{input_dir}: checkpoint LoRA does not fit this adapter (e.g. {unexpected[0]}); resume with the same --rank and --lora_target_modules")
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def save_checkpoint(accelerator, args, global_step):
-    """accelerate state (LoRA via the hook, optimiser, LR schedule, grad scaler, RNG) into checkpoint-N.
-
-    Written under a temporary name and renamed once complete, so `latest` never picks a half-written one.
-    """
-    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{global_step}")
-    if accelerator.is_main_process and os.path.isdir(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_json(os.path.join(tmp, TRAINER_STATE_NAME), {"global_step": global_step, "seed": args.seed, "num_processes": accelerator.num_processes})
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if args.checkpoints_total_limit:
-            for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def resume_checkpoint(accelerator, args):
-    """Load the checkpoint named by --resume_from_checkpoint; returns the global step it was saved at."""
-    if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(args.output_dir)
-        if not found:
-            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N in {args.output_dir}; start without it")
-        path = found[-1][1]
-    else:
-        path = args.resume_from_checkpoint
-        if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
-            raise UserError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINER_STATE_NAME})")
-    with open(os.path.join(path, TRAINER_STATE_NAME)) as f:
-        state = json.load(f)
-    accelerator.load_state(path)
-    accelerator.print(f"resumed from {path} at step {state['global_step']}")
-    return state["global_step"]
-
-
-# ----------------------------------------------------------------------------------------------
 # Validation and final output
 
 
@@ -576,100 +456,6 @@ def log_images(accelerator, images, prompts, step):
             import wandb
 
             tracker.log({"val/images": [wandb.Image(im, caption=p) for im, p in zip(images, prompts)]}, step=step)
-
-
-def model_card(args, info):
-    prompts = args.validation_prompts or ["a photo"]
-    return f"""---
-base_model: {args.pretrained_prior_model_name_or_path}
-library_name: diffusers
-license: mit
-tags:
-- wuerstchen
-- text-to-image
-- diffusers
-- diffusers-training
-- lora
-inference: true
----
-
-# Wuerstchen prior LoRA
-
-A LoRA adapter for the Wuerstchen v2 prior (Stage C) `{args.pretrained_prior_model_name_or_path}`, trained with
-`train_wuerstchen_prior_lora.py` on `{args.dataset}`.
-
-| setting | value |
-| --- | --- |
-| rank / alpha | {args.rank} / {args.lora_alpha:g} |
-| target modules | {", ".join(args.lora_target_modules)} |
-| training resolution | {args.resolution} px (generate at {info["output_size"]} px) |
-| steps | {info["global_step"]} |
-| batch (per process x processes x accumulation) | {args.train_batch_size} x {info["num_processes"]} x {args.gradient_accumulation_steps} |
-| learning rate | {args.learning_rate:g} ({args.lr_scheduler}) |
-| mixed precision | {args.mixed_precision} |
-
-## Use
-
-```python
-python infer.py --checkpoint path/to/this/folder --prompt "{prompts[0]}"
-```
-
-or with diffusers alone (the prior pipeline is assembled from its parts, which also works on diffusers 0.42):
-
-```python
-import torch
-from diffusers import WuerstchenPriorPipeline, WuerstchenDecoderPipeline
-
-prior = WuerstchenPriorPipeline.from_pretrained("{args.pretrained_prior_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
-prior.load_lora_weights("path/to/this/folder")
-decoder = WuerstchenDecoderPipeline.from_pretrained("{args.pretrained_decoder_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
-embeddings = prior("{prompts[0]}", height={info["output_size"]}, width={info["output_size"]}).image_embeddings
-image = decoder(embeddings, prompt="{prompts[0]}").images[0]
-```
-"""
-
-
-def write_outputs(run, args, info):
-    """The final LoRA file, training_info.json, args.json and the model card, written by the main
-    process alone, after checking that every process holds the same LoRA weights."""
-    from accelerate.utils import gather_object
-
-    accelerator = run.accelerator
-    state = gathered_lora_state(accelerator, run.prior, run.unwrapped)
-    if accelerator.num_processes > 1 and not sharded_engine(accelerator):
-        from peft.utils import get_peft_model_state_dict
-
-        digests = gather_object([lora_digest(get_peft_model_state_dict(run.unwrapped))])
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"LoRA weights differ between processes ({digests}); the distributed set-up is broken")
-        accelerator.print(f"LoRA weights identical on all {accelerator.num_processes} processes (sha256 {digests[0][:16]})")
-    if not accelerator.is_main_process:
-        return
-    path = save_lora_file(args.output_dir, state, lora_config_dict(run.lora_config))
-    atomic_write_json(os.path.join(args.output_dir, TRAINING_INFO_NAME), info)
-    atomic_write_json(os.path.join(args.output_dir, "args.json"), vars(args))
-    atomic_write_bytes(os.path.join(args.output_dir, "README.md"), model_card(args, info).encode())
-    # A plain print: only the process that really wrote the files says so.
-    print(f"process {accelerator.process_index} wrote {path}", flush=True)
-
-
-def training_info(args, accelerator, lora_config, global_step, trainable, total):
-    import diffusers
-    import peft
-
-    return {
-        "base_model": args.pretrained_prior_model_name_or_path,
-        "revision": args.revision,
-        "decoder_model": args.pretrained_decoder_model_name_or_path,
-        "resolution": args.resolution,
-        "output_size": output_size_for_training_resolution(args.resolution),
-        "lora": lora_config_dict(lora_config),
-        "global_step": global_step,
-        "num_processes": accelerator.num_processes,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
-    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -10,9 +9,9 @@ import time
 
 import pytest
 import torch
-from conftest import INFER, ROOT, TRAIN, run_script, script_env, train_args
+from conftest import ROOT, run_script, script_env, train_args
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import infer
 import train_wuerstchen_prior_lora as trainer
