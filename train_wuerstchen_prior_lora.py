@@ -49,6 +49,16 @@ from training_outputs import (
     write_outputs,
 )
 
+# Which of the prior's Linear layers get LoRA (REFERENCE.md lists them). "mapper" is the
+# TimestepBlock's; peft matches names by suffix, so "mapper" does not catch kv_mapper or cond_mapper.
+LORA_TARGET_PRESETS = {
+    "attn": DEFAULT_LORA_TARGETS,
+    "attn-mlp": DEFAULT_LORA_TARGETS + ("channelwise.0", "channelwise.4"),
+    "all-linear": DEFAULT_LORA_TARGETS + ("channelwise.0", "channelwise.4", "kv_mapper.1", "mapper", "cond_mapper.0", "cond_mapper.2"),
+}
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+
+
 # ----------------------------------------------------------------------------------------------
 # Arguments
 
@@ -65,7 +75,10 @@ def parse_args(argv=None):
     g.add_argument("--rank", type=int, default=8, help="LoRA rank")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
     g.add_argument("--lora_dropout", type=float, default=0.0)
-    g.add_argument("--lora_target_modules", default=",".join(DEFAULT_LORA_TARGETS), help="comma-separated module names in the prior's attention blocks")
+    g.add_argument("--lora_targets", default="attn", choices=sorted(LORA_TARGET_PRESETS), help="which Linear layers get LoRA: attention projections (default), + the ResBlock MLPs, or every Linear")
+    g.add_argument("--lora_target_modules", default=None, help="explicit comma-separated module names (overrides --lora_targets), e.g. to_q,to_k,to_v,to_out.0")
+    g.add_argument("--use_dora", action="store_true", help="weight-decomposed LoRA (DoRA, peft)")
+    g.add_argument("--use_rslora", action="store_true", help="rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r (peft)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", "--dataset_name", "--train_data_dir", dest="dataset", default=None, help="hub dataset, local folder (imagefolder or images + .txt captions) or .jsonl/.csv/.parquet file")
@@ -103,7 +116,13 @@ def parse_args(argv=None):
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in the backward pass: less memory, about 30%% slower")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
     g.add_argument("--max_nonfinite_steps", type=int, default=5, help="stop after this many NaN/inf losses in a row (each is skipped)")
-    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (optional package)")
+    g.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="adamw8bit needs bitsandbytes, prodigy needs prodigyopt (use --learning_rate 1 with it)")
+    g.add_argument("--use_8bit_adam", action="store_true", help="same as --optimizer adamw8bit (the diffusers examples' flag)")
+    g.add_argument("--loss_weighting", default="none", choices=["none", "p2", "min_snr"], help="p2: the original authors' 1/(1+SNR); min_snr: min(SNR, gamma)/SNR (Hang et al. 2023)")
+    g.add_argument("--snr_gamma", type=float, default=5.0, help="gamma of --loss_weighting min_snr")
+    g.add_argument("--noise_offset", type=float, default=0.0, help="add offset * N(0,1) per sample and channel to the noise; 0 = off")
+    g.add_argument("--use_ema", action="store_true", help="keep an exponential moving average of the LoRA weights, saved as pytorch_lora_weights_ema.safetensors")
+    g.add_argument("--ema_decay", type=float, default=0.999)
     g.add_argument("--torch_compile", action="store_true", help="compile the prior with torch.compile (inductor); first steps are slow")
 
     g = p.add_argument_group("checkpoints and output")
@@ -141,9 +160,12 @@ def check_args(args):
         args.lora_alpha = float(args.rank)
     if not 0 <= args.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
-    args.lora_target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()] if isinstance(args.lora_target_modules, str) else args.lora_target_modules
-    if not args.lora_target_modules:
-        raise UserError("--lora_target_modules is empty; the default is to_q,to_k,to_v,to_out.0")
+    if args.lora_target_modules is None:
+        args.lora_target_modules = list(LORA_TARGET_PRESETS[args.lora_targets])
+    elif isinstance(args.lora_target_modules, str):
+        args.lora_target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+        if not args.lora_target_modules:
+            raise UserError("--lora_target_modules is empty; leave it out to use --lora_targets (default: attention projections)")
     if os.path.isfile(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir} is a file; give a folder")
     if args.resume_from_checkpoint == "latest" and not list_checkpoints(args.output_dir):
@@ -151,10 +173,20 @@ def check_args(args):
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder; give a checkpoint-N folder or 'latest'")
     if args.use_8bit_adam:
+        if args.optimizer not in ("adamw", "adamw8bit"):
+            raise UserError(f"--use_8bit_adam conflicts with --optimizer {args.optimizer}; keep one")
+        args.optimizer = "adamw8bit"
+    optional = {"adamw8bit": ("bitsandbytes", "bitsandbytes"), "prodigy": ("prodigyopt", "prodigyopt")}
+    if args.optimizer in optional:
+        module, package = optional[args.optimizer]
         try:
-            import bitsandbytes  # noqa: F401
+            __import__(module)
         except ImportError as e:
-            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)") from e
+            raise UserError(f"--optimizer {args.optimizer} needs {package}: pip install {package} (or use --optimizer adamw)") from e
+    if not 0 < args.ema_decay < 1:
+        raise UserError(f"--ema_decay must be in (0, 1) (got {args.ema_decay:g})")
+    if args.snr_gamma <= 0 or args.noise_offset < 0:
+        raise UserError("--snr_gamma must be positive and --noise_offset 0 or more")
     if not args.dataset:
         raise UserError("--dataset is required: a hub dataset name, a local folder, or a .jsonl/.csv/.parquet file")
 
@@ -234,7 +266,7 @@ def load_frozen_models(args, device, dtype):
 
 
 def add_lora(prior, args):
-    """Attach a LoRA adapter to the prior's attention projections; returns (config, trainable params).
+    """Attach a LoRA adapter to the prior; returns (config, trainable params, their names).
 
     The trainable LoRA weights are kept in fp32 even when the frozen prior is fp16/bf16: the fp16
     grad scaler refuses to unscale fp16 gradients, and small updates vanish in half precision.
@@ -247,30 +279,39 @@ def add_lora(prior, args):
         lora_dropout=args.lora_dropout,
         init_lora_weights="gaussian",
         target_modules=args.lora_target_modules,
+        use_dora=args.use_dora,
+        use_rslora=args.use_rslora,
     )
     try:
         prior.add_adapter(config)
     except ValueError as e:
         raise UserError(f"--lora_target_modules {','.join(args.lora_target_modules)}: {str(e).splitlines()[0]}") from e
-    params = [p for p in prior.parameters() if p.requires_grad]
-    for p in params:
+    named = [(n, p) for n, p in prior.named_parameters() if p.requires_grad]
+    for _, p in named:
         p.data = p.data.float()
     if args.gradient_checkpointing:
         prior.enable_gradient_checkpointing()
     prior.train()  # dropout (0.1 in the shipped config) is active while training, as in both references
-    return config, params
+    return config, [p for _, p in named], [n for n, _ in named]
 
 
 def make_optimizer(args, params, device):
-    """AdamW: bitsandbytes' 8-bit version on request, PyTorch's fused kernel on CUDA."""
-    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)") from e
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, fused=torch.device(device).type == "cuda", **kwargs)
+    """AdamW (PyTorch's fused kernel on CUDA), 8-bit AdamW, Prodigy or Adafactor over the LoRA params."""
+    adam = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **adam)
+    if args.optimizer == "prodigy":
+        import prodigyopt
+
+        return prodigyopt.Prodigy(params, lr=args.learning_rate, betas=adam["betas"], weight_decay=args.adam_weight_decay)
+    if args.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # A fixed learning rate (the schedule comes from --lr_scheduler), no parameter-scale rescaling.
+        return Adafactor(params, lr=args.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False, weight_decay=args.adam_weight_decay)
+    return torch.optim.AdamW(params, fused=torch.device(device).type == "cuda", **adam)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,8 +332,24 @@ def encode_text(text_encoder, tokenizer, captions, device):
     return out.last_hidden_state
 
 
-def compute_loss(prior, scheduler, image_embeddings, text_embeddings, noise=None, timesteps=None):
-    """Epsilon-prediction MSE at t ~ U(0, 1).
+def loss_weights(scheduler, timesteps, weighting, snr_gamma=5.0):
+    """Per-sample loss weights from the signal-to-noise ratio SNR = abar / (1 - abar) at t.
+
+    p2 is the weight the original Wuerstchen authors trained with, (1 + SNR)^-1 (k = 1, gamma = 1);
+    min_snr is Hang et al. 2023 for epsilon prediction, min(SNR, gamma) / SNR. abar comes from the
+    scheduler's own cosine schedule (its clamped `_alpha_cumprod`), the one add_noise uses.
+    """
+    if weighting == "none":
+        return None
+    alpha_bar = scheduler._alpha_cumprod(timesteps, timesteps.device)
+    snr = alpha_bar / (1 - alpha_bar)
+    if weighting == "p2":
+        return 1 / (1 + snr)
+    return torch.clamp(snr, max=snr_gamma) / snr
+
+
+def compute_loss(prior, scheduler, image_embeddings, text_embeddings, noise=None, timesteps=None, weighting="none", snr_gamma=5.0):
+    """Epsilon-prediction MSE at t ~ U(0, 1), optionally weighted per sample.
 
     t stays fp32: the prior embeds t * 10000, which fp16 would quantise badly. The loss is computed
     in fp32 whatever dtype the prior runs in.
@@ -304,17 +361,23 @@ def compute_loss(prior, scheduler, image_embeddings, text_embeddings, noise=None
         timesteps = torch.rand(latents.shape[0], device=latents.device, dtype=torch.float32)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     pred = prior(noisy, timesteps, text_embeddings)
-    return F.mse_loss(pred.float(), noise.float())
+    per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    weights = loss_weights(scheduler, timesteps, weighting, snr_gamma)
+    return per_sample.mean() if weights is None else (weights * per_sample).mean()
 
 
-def sample_noise(noise_seeds, shape, device):
+def sample_noise(noise_seeds, shape, device, noise_offset=0.0):
     """Each sample's noise and timestep from its own seed (drawn by the dataset from seed, epoch and
-    sample index): the same sample gets the same noise whatever the batch size or process count."""
+    sample index): the same sample gets the same noise whatever the batch size or process count.
+    `noise_offset` adds a per-channel constant (the "offset noise" trick) to each sample's noise."""
     noises, timesteps = [], []
     for seed in noise_seeds.tolist():
         g = torch.Generator().manual_seed(seed)
         timesteps.append(torch.rand((), generator=g))
-        noises.append(torch.randn(shape, generator=g))
+        noise = torch.randn(shape, generator=g)
+        if noise_offset:
+            noise = noise + noise_offset * torch.randn(shape[0], 1, 1, generator=g)
+        noises.append(noise)
     return torch.stack(noises).to(device), torch.stack(timesteps).to(device)
 
 
@@ -521,7 +584,7 @@ def setup(args):
         examples = CaptionedImages(dataset, args.image_column, args.caption_column, ImageTransform(args.resolution, args.center_crop, args.random_flip), args.seed)
 
     torch.manual_seed(args.seed)  # the LoRA initialisation: same seed, same run
-    run.lora_config, run.params = add_lora(prior, args)
+    run.lora_config, run.params, run.param_names = add_lora(prior, args)
     trainable, total = sum(p.numel() for p in run.params), sum(p.numel() for p in prior.parameters())
     accelerator.print(f"LoRA: {trainable:,} trainable of {total:,} prior parameters ({100 * trainable / total:.2f}%)")
     optimizer = make_optimizer(args, run.params, accelerator.device)
@@ -534,6 +597,14 @@ def setup(args):
     # accelerate steps a prepared scheduler once per process per optimiser step, hence the factor.
     run.lr_scheduler = accelerator.prepare(get_scheduler(args.lr_scheduler, run.optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes, num_training_steps=run.max_steps * accelerator.num_processes))
     run.unwrapped = accelerator.unwrap_model(run.prior)
+    run.ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        # diffusers' EMA: the decay ramps up as (1 + n) / (10 + n) to --ema_decay; its state is checkpointed.
+        run.ema = EMAModel(run.params, decay=args.ema_decay)
+        run.ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(run.ema)
     run.info = training_info(args, accelerator, run.lora_config, 0, trainable, total)
     run.info["data"] = run.data_report
     register_lora_checkpoint_hooks(accelerator, run.unwrapped, run.lora_config, run.info)
@@ -557,8 +628,8 @@ def training_step(run, batch, epoch, batch_index):
     torch.manual_seed(step_seed(args.seed, epoch, batch_index, accelerator.process_index))
     with accelerator.accumulate(run.prior):
         image_embeddings, text_embeddings = embed_batch(batch, run.image_encoder, run.text_encoder, run.tokenizer, accelerator.device, run.dtype)
-        noise, timesteps = sample_noise(batch["noise_seed"], image_embeddings.shape[1:], accelerator.device)
-        loss = compute_loss(run.prior, run.scheduler, image_embeddings, text_embeddings, noise, timesteps)
+        noise, timesteps = sample_noise(batch["noise_seed"], image_embeddings.shape[1:], accelerator.device, args.noise_offset)
+        loss = compute_loss(run.prior, run.scheduler, image_embeddings, text_embeddings, noise, timesteps, args.loss_weighting, args.snr_gamma)
         finite = bool(accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum").item() == accelerator.num_processes)
         run.window_finite = run.window_finite and finite
         if finite:
@@ -568,6 +639,8 @@ def training_step(run, batch, epoch, batch_index):
                 if args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
                 run.optimizer.step()
+                if run.ema is not None:
+                    run.ema.step(run.params)
             run.lr_scheduler.step()  # in step with global_step even when the update is skipped
             run.optimizer.zero_grad(set_to_none=True)
     return loss if finite else None

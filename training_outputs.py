@@ -25,6 +25,7 @@ from wuerstchen_models import (
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE_NAME = "trainer_state.json"
+EMA_WEIGHTS_NAME = "pytorch_lora_weights_ema.safetensors"
 
 
 def lora_config_dict(config):
@@ -207,6 +208,12 @@ def write_outputs(run, args, info):
     if not accelerator.is_main_process:
         return
     path = save_lora_file(args.output_dir, state, lora_config_dict(run.lora_config))
+    if run.ema is not None:
+        from peft.utils import get_peft_model_state_dict
+
+        # Shadow weights under the trainable parameters' names, then peft's naming as for the raw file.
+        shadow = dict(zip(run.param_names, run.ema.shadow_params))
+        save_lora_file(args.output_dir, get_peft_model_state_dict(run.unwrapped, state_dict=shadow), lora_config_dict(run.lora_config), EMA_WEIGHTS_NAME)
     atomic_write_json(os.path.join(args.output_dir, TRAINING_INFO_NAME), info)
     atomic_write_json(os.path.join(args.output_dir, "args.json"), vars(args))
     atomic_write_bytes(os.path.join(args.output_dir, "README.md"), model_card(args, info).encode())

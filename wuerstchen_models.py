@@ -283,7 +283,7 @@ def atomic_write_json(path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def save_lora_file(output_dir, lora_state_dict, lora_config_dict):
+def save_lora_file(output_dir, lora_state_dict, lora_config_dict, weight_name=LORA_WEIGHTS_NAME):
     """Write `pytorch_lora_weights.safetensors` through diffusers' own writer.
 
     Keys get the `prior.` prefix the pipeline loader filters on, and the LoRA config goes into the
@@ -301,8 +301,8 @@ def save_lora_file(output_dir, lora_state_dict, lora_config_dict):
         except TypeError:  # diffusers older than the metadata argument: alpha must then equal rank
             kwargs.pop("unet_lora_adapter_metadata")
             WuerstchenPriorPipeline.save_lora_weights(tmp, **kwargs)
-        os.replace(os.path.join(tmp, LORA_WEIGHTS_NAME), os.path.join(output_dir, LORA_WEIGHTS_NAME))
-    return os.path.join(output_dir, LORA_WEIGHTS_NAME)
+        os.replace(os.path.join(tmp, LORA_WEIGHTS_NAME), os.path.join(output_dir, weight_name))
+    return os.path.join(output_dir, weight_name)
 
 
 def lora_digest(state_dict):

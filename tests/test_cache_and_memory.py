@@ -152,7 +152,7 @@ def fixed_grads(prior, scheduler, params):
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     args = cache_args(tiny)
     prior, _, _, scheduler, _ = trainer.load_frozen_models(args, "cpu", torch.float32)
-    _, params = trainer.add_lora(prior, args)
+    _, params, _ = trainer.add_lora(prior, args)
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.1)  # lora_B starts at zero; give every LoRA weight a gradient path
@@ -165,7 +165,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_8bit_adam_without_bitsandbytes_says_how_to_fix(tiny, tmp_path, monkeypatch):
+def test_8bit_adam_without_bitsandbytes_says_how_to_fix(tiny, monkeypatch):
     import builtins
 
     real_import = builtins.__import__
@@ -176,10 +176,10 @@ def test_8bit_adam_without_bitsandbytes_says_how_to_fix(tiny, tmp_path, monkeypa
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_bnb)
-    args = cache_args(tiny, use_8bit_adam=True)
-    with pytest.raises(trainer.UserError, match="pip install bitsandbytes"):
-        trainer.make_optimizer(args, [torch.nn.Parameter(torch.zeros(2))], "cpu")
-    args.use_8bit_adam = False
+    for flags in (["--use_8bit_adam"], ["--optimizer", "adamw8bit"]):
+        with pytest.raises(trainer.UserError, match="pip install bitsandbytes"):
+            trainer.parse_args(["--dataset", tiny["dataset"], *flags])
+    args = cache_args(tiny)
     assert isinstance(trainer.make_optimizer(args, [torch.nn.Parameter(torch.zeros(2))], "cpu"), torch.optim.AdamW)
 
 

@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_wuerstchen_prior_lora as trainer
+from training_outputs import EMA_WEIGHTS_NAME
 from wuerstchen_models import LORA_WEIGHTS_NAME, load_image_encoder, load_prior_components
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -117,7 +118,7 @@ def test_only_lora_weights_change(tiny):
                                "--image_encoder", tiny["image_encoder"], "--rank", "4", "--learning_rate", "1e-2"])
     prior, text_encoder, tokenizer, scheduler, image_encoder = trainer.load_frozen_models(args, "cpu", torch.float32)
     before = {k: v.clone() for k, v in prior.state_dict().items()}
-    _, params = trainer.add_lora(prior, args)
+    _, params, _ = trainer.add_lora(prior, args)
     opt = torch.optim.AdamW(params, lr=args.learning_rate)
     pixels = torch.randn(2, 3, 64, 64)
     emb = trainer.encode_images(image_encoder, pixels)
@@ -168,9 +169,10 @@ def test_training_lowers_loss_on_fixed_noise(trained, tiny):
 
 def test_resume_continues_exactly(tiny, tmp_path):
     """Interrupted at a checkpoint and resumed == uninterrupted, with warmup, cosine LR, accumulation,
-    flips, random crops, dropout and an epoch boundary in the middle."""
+    flips, random crops, dropout, EMA and an epoch boundary in the middle."""
     extra = ["--train_batch_size", "3", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "3",
-             "--random_flip", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--learning_rate", "1e-3"]
+             "--random_flip", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--learning_rate", "1e-3",
+             "--use_ema", "--ema_decay", "0.9"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     run_script(train_args(tiny, full, steps=7, extra=extra), launcher="accelerate")
     # the interrupted run: everything up to checkpoint-3, as a killed run would have left it
@@ -186,6 +188,9 @@ def test_resume_continues_exactly(tiny, tmp_path):
     assert any(not torch.equal(a[k], at_checkpoint[k]) for k in a), "training after the checkpoint changed nothing"
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    ema_a, ema_b = load_file(full / EMA_WEIGHTS_NAME), load_file(resumed / EMA_WEIGHTS_NAME)  # the EMA resumes too
+    for k in ema_a:
+        torch.testing.assert_close(ema_b[k], ema_a[k], rtol=0, atol=1e-6)
 
 
 def test_sdpa_attention_matches_classic(tiny):
