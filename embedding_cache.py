@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from wuerstchen_data import sample_rng, to_rgb
+from wuerstchen_data import CaptionOptions, pick_caption, sample_rng, to_rgb
 from wuerstchen_models import IMAGENET_MEAN, IMAGENET_STD, atomic_write_json
 
 CACHE_FORMAT = 1
@@ -72,6 +72,7 @@ def cache_key(args, dataset, dtype, image_encoder_path):
         "image_encoder": _stat_digest(image_encoder_path),
         "text_encoder": [prior, args.revision] + [_stat_digest(os.path.join(prior, sub)) for sub in ("text_encoder", "tokenizer")],
         "dtype": str(dtype),
+        "texts": None if args.shuffle_tags else args.caption_prefix,  # cached texts include the prefix
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -102,7 +103,7 @@ def _captions(value):
     return [v.strip() for v in values if isinstance(v, str) and v.strip()] or [""]
 
 
-def build_cache(folder, dataset, image_column, caption_column, args, encode_image, encode_text, accelerator):
+def build_cache(folder, dataset, image_column, caption_column, args, encode_image, encode_text, accelerator, captions=CaptionOptions()):
     """Encode this process's share of the dataset into `folder` (once), then wait for the others.
 
     encode_image(pixels [1,3,H,W]) -> [1,16,h,w]; encode_text(list of str) -> [n,77,d].
@@ -122,8 +123,9 @@ def build_cache(folder, dataset, image_column, caption_column, args, encode_imag
         images[str(i)] = encode_image(_pixels(image))[0].cpu().contiguous()
         if args.random_flip:
             images[f"{i}.flip"] = encode_image(_pixels(TF.hflip(image)))[0].cpu().contiguous()
-        for j, embedding in enumerate(encode_text(_captions(row[caption_column]))):
-            texts[f"{i}.{j}"] = embedding.cpu().contiguous()
+        if not captions.shuffle_tags:  # shuffled tags are encoded as they are drawn
+            for j, embedding in enumerate(encode_text([captions.prefix + c for c in _captions(row[caption_column])])):
+                texts[f"{i}.{j}"] = embedding.cpu().contiguous()
     _atomic_save(images, os.path.join(folder, f"images-{rank:03d}.safetensors"))
     _atomic_save(texts, os.path.join(folder, f"texts-{rank:03d}.safetensors"))
     if accelerator.is_main_process:
@@ -146,17 +148,22 @@ def _atomic_save(tensors, path):
 
 
 class CachedExamples(torch.utils.data.Dataset):
-    """Samples from a complete cache: {"image_embeddings", "text_embeddings"}.
+    """Samples from a complete cache: {"noise_seed", "image_embeddings", and "text_embeddings" or,
+    when tags are shuffled (the text differs every epoch), the "caption" to encode}.
 
-    Crop window, flip and caption choice come from (seed, epoch, index), like the uncached path.
+    Crop window, flip, caption choice and caption dropout come from (seed, epoch, index), like the
+    uncached path; each row appears `repeats` times per epoch.
     """
 
-    def __init__(self, folder, resolution, random_flip, seed):
+    def __init__(self, folder, resolution, random_flip, seed, captions=CaptionOptions(), raw_captions=None, repeats=1):
         with open(os.path.join(folder, MANIFEST)) as f:
             manifest = json.load(f)
         self.folder, self.rows, self.shards = folder, manifest["rows"], manifest["shards"]
         self.grid = resolution // 32
         self.random_flip, self.seed, self.epoch = random_flip, seed, 0
+        self.captions, self.raw_captions, self.repeats = captions, raw_captions, repeats
+        if captions.shuffle_tags and raw_captions is None:
+            raise ValueError("shuffled tags need the raw captions")
         self._files = {}  # opened lazily: safe_open handles do not survive pickling into workers
         self._caption_counts = None
 
@@ -164,14 +171,14 @@ class CachedExamples(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __len__(self):
-        return self.rows
+        return self.rows * self.repeats
 
     def _file(self, name):
         if name not in self._files:
             self._files[name] = safe_open(os.path.join(self.folder, name), framework="pt")
         return self._files[name]
 
-    def caption_count(self, index):
+    def caption_count(self, row):
         if self._caption_counts is None:
             counts = {}
             for shard in range(self.shards):
@@ -179,22 +186,30 @@ class CachedExamples(torch.utils.data.Dataset):
                     i = int(key.split(".")[0])
                     counts[i] = counts.get(i, 0) + 1
             self._caption_counts = counts
-        return self._caption_counts[index]
+        return self._caption_counts[row]
 
     def empty_text(self):
         return self._file("empty.safetensors").get_tensor("empty")
 
+    def _text(self, row, rng):
+        if self.captions.shuffle_tags:
+            return "caption", self.captions.apply(pick_caption(self.raw_captions[row], rng), rng)
+        key = f"{row}.{rng.randrange(self.caption_count(row))}"
+        return "text_embeddings", self._file(f"texts-{row % self.shards:03d}.safetensors").get_tensor(key)
+
     def __getitem__(self, index):
+        row = index % self.rows
         rng = sample_rng(self.seed, self.epoch, index)
         noise_seed = rng.getrandbits(63)
-        shard = index % self.shards
-        text = self._file(f"texts-{shard:03d}.safetensors").get_tensor(f"{index}.{rng.randrange(self.caption_count(index))}")
+        text_key, text = self._text(row, rng)
         flip = self.random_flip and rng.random() < 0.5
-        image = self._file(f"images-{shard:03d}.safetensors").get_tensor(f"{index}.flip" if flip else str(index))
+        image = self._file(f"images-{row % self.shards:03d}.safetensors").get_tensor(f"{row}.flip" if flip else str(row))
         h, w = image.shape[-2:]
         top, left = rng.randint(0, h - self.grid), rng.randint(0, w - self.grid)
+        if self.captions.drop(rng):
+            text_key, text = ("caption", "") if text_key == "caption" else (text_key, self.empty_text())
         return {
             "noise_seed": noise_seed,
             "image_embeddings": image[:, top : top + self.grid, left : left + self.grid].contiguous(),
-            "text_embeddings": text,
+            text_key: text,
         }

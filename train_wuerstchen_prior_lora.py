@@ -92,6 +92,11 @@ def parse_args(argv=None):
     crop.add_argument("--random_crop", dest="center_crop", action="store_false", help="crop a random square (default)")
     g.add_argument("--random_flip", action="store_true", help="flip horizontally with probability 0.5")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--repeats", type=int, default=1, help="how often each image appears per epoch")
+    g.add_argument("--caption_prefix", default="", help='prepended to every caption, e.g. "sks style, "')
+    g.add_argument("--caption_dropout", type=float, default=0.0, help="probability of training a sample on the empty caption")
+    g.add_argument("--shuffle_tags", action="store_true", help="shuffle comma-separated tags each time a sample is drawn (captions are then encoded every step)")
+    g.add_argument("--keep_tokens", type=int, default=0, help="with --shuffle_tags: the first N tags stay in place")
     g.add_argument("--max_bad_images", type=float, default=0.05, help="largest share of unreadable images to skip before refusing to train")
     cache = g.add_mutually_exclusive_group()
     cache.add_argument("--cache_embeddings", dest="cache_embeddings", action="store_true", default=True, help="encode images and captions once and train from the cache (default; see embedding_cache.py for random crops)")
@@ -144,7 +149,11 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Cross-flag checks, before anything heavy is loaded."""
-    positive = ["rank", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "resolution", "learning_rate", "max_nonfinite_steps", "validation_steps"]
+    if not 0 <= args.caption_dropout < 1:
+        raise UserError(f"--caption_dropout is a probability in [0, 1) (got {args.caption_dropout:g})")
+    if args.keep_tokens < 0 or (args.keep_tokens and not args.shuffle_tags):
+        raise UserError("--keep_tokens N (N >= 0) only means something with --shuffle_tags")
+    positive = ["repeats", "rank", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "resolution", "learning_rate", "max_nonfinite_steps", "validation_steps"]
     for name in positive + ["max_train_steps", "max_train_samples", "checkpoints_total_limit", "lora_alpha"]:
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -430,6 +439,12 @@ def load_data(args, accelerator):
     return dataset, report
 
 
+def caption_options(args):
+    from wuerstchen_data import CaptionOptions
+
+    return CaptionOptions(prefix=args.caption_prefix, dropout=args.caption_dropout, shuffle_tags=args.shuffle_tags, keep_tokens=args.keep_tokens)
+
+
 def cached_examples(args, accelerator, dataset, image_encoder, text_encoder, tokenizer, dtype):
     """Build (or reuse) the embedding cache and return the dataset that reads from it."""
     from embedding_cache import CachedExamples, build_cache, cache_key
@@ -442,19 +457,24 @@ def cached_examples(args, accelerator, dataset, image_encoder, text_encoder, tok
         folder, dataset, args.image_column, args.caption_column, args,
         encode_image=lambda pixels: encode_images(image_encoder, pixels.to(device, dtype=dtype)),
         encode_text=lambda captions: encode_text(text_encoder, tokenizer, captions, device),
-        accelerator=accelerator,
+        accelerator=accelerator, captions=caption_options(args),
     )
-    return CachedExamples(folder, args.resolution, args.random_flip, args.seed)
+    raw = dataset[args.caption_column] if args.shuffle_tags else None
+    return CachedExamples(folder, args.resolution, args.random_flip, args.seed, caption_options(args), raw, args.repeats)
+
+
+def uncached_examples(args, dataset):
+    from wuerstchen_data import CaptionedImages, ImageTransform
+
+    transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
+    return CaptionedImages(dataset, args.image_column, args.caption_column, transform, args.seed, caption_options(args), args.repeats)
 
 
 def make_dataloader(args, examples):
-    from wuerstchen_data import CaptionedImages, collate
-
     return torch.utils.data.DataLoader(
         examples,
         batch_size=args.train_batch_size,
         shuffle=True,
-        collate_fn=collate if isinstance(examples, CaptionedImages) else None,
         num_workers=args.dataloader_num_workers,
         drop_last=False,
     )
@@ -463,9 +483,12 @@ def make_dataloader(args, examples):
 def embed_batch(batch, image_encoder, text_encoder, tokenizer, device, dtype):
     """(image embeddings, text embeddings) of a batch: from the cache, or encoded now."""
     if "image_embeddings" in batch:
-        return batch["image_embeddings"].to(device), batch["text_embeddings"].to(device)
-    image_embeddings = encode_images(image_encoder, batch["pixel_values"].to(device, dtype=dtype))
-    return image_embeddings, encode_text(text_encoder, tokenizer, batch["captions"], device)
+        image_embeddings = batch["image_embeddings"].to(device)
+    else:
+        image_embeddings = encode_images(image_encoder, batch["pixel_values"].to(device, dtype=dtype))
+    if "text_embeddings" in batch:
+        return image_embeddings, batch["text_embeddings"].to(device)
+    return image_embeddings, encode_text(text_encoder, tokenizer, batch["caption"], device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -573,15 +596,15 @@ def setup(args):
     prior, run.text_encoder, run.tokenizer, run.scheduler, run.image_encoder = load_frozen_models(args, accelerator.device, dtype)
     if args.cache_embeddings:
         examples = cached_examples(args, accelerator, dataset, run.image_encoder, run.text_encoder, run.tokenizer, dtype)
-        # The encoders are done: EfficientNet goes, CLIP waits on the CPU for validation prompts.
+        # The encoders are done: EfficientNet goes; CLIP waits on the CPU for validation prompts,
+        # unless shuffled tags need it every step.
         run.image_encoder = None
-        run.text_encoder.to("cpu")
+        if not args.shuffle_tags:
+            run.text_encoder.to("cpu")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     else:
-        from wuerstchen_data import CaptionedImages, ImageTransform
-
-        examples = CaptionedImages(dataset, args.image_column, args.caption_column, ImageTransform(args.resolution, args.center_crop, args.random_flip), args.seed)
+        examples = uncached_examples(args, dataset)
 
     torch.manual_seed(args.seed)  # the LoRA initialisation: same seed, same run
     run.lora_config, run.params, run.param_names = add_lora(prior, args)

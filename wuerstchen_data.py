@@ -5,6 +5,7 @@ folder of images each with a same-stem `.txt` caption (the kohya/OneTrainer conv
 `.jsonl`/`.csv`/`.parquet` file whose image column holds paths (relative to the file) or image bytes.
 """
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -264,6 +265,28 @@ def pick_caption(value, rng):
     return "" if value is None else str(value).strip()
 
 
+@dataclasses.dataclass(frozen=True)
+class CaptionOptions:
+    """What happens to a caption between the dataset and the text encoder."""
+
+    prefix: str = ""  # prepended to every caption (a trigger word, say)
+    dropout: float = 0.0  # probability of training on the empty caption instead
+    shuffle_tags: bool = False  # shuffle comma-separated tags every time a sample is drawn...
+    keep_tokens: int = 0  # ...except the first N, which stay in place
+
+    def apply(self, caption, rng):
+        """Prefix and tag shuffling; the caption-dropout draw comes separately (`drop`)."""
+        if self.shuffle_tags:
+            tags = [t.strip() for t in caption.split(",") if t.strip()]
+            fixed, rest = tags[: self.keep_tokens], tags[self.keep_tokens :]
+            rng.shuffle(rest)
+            caption = ", ".join(fixed + rest)
+        return self.prefix + caption
+
+    def drop(self, rng):
+        return self.dropout > 0 and rng.random() < self.dropout
+
+
 class ImageTransform:
     """Resize the short side to `resolution`, crop a square (centre or random), maybe flip, normalise."""
 
@@ -287,35 +310,32 @@ class ImageTransform:
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """Rows of a datasets.Dataset as {"pixel_values", "caption"}; deterministic per (seed, epoch, index)."""
+    """Rows of a datasets.Dataset as {"noise_seed", "pixel_values", "caption"}, each row `repeats`
+    times per epoch; deterministic per (seed, epoch, index)."""
 
-    def __init__(self, dataset, image_column, caption_column, transform, seed):
+    def __init__(self, dataset, image_column, caption_column, transform, seed, captions=CaptionOptions(), repeats=1):
         self.dataset = dataset
         self.image_column = image_column
         self.caption_column = caption_column
         self.transform = transform
         self.seed = seed
+        self.captions = captions
+        self.repeats = repeats
         self.epoch = 0
 
     def set_epoch(self, epoch):  # called by accelerate's DataLoader.set_epoch
         self.epoch = epoch
 
     def __len__(self):
-        return len(self.dataset)
+        return len(self.dataset) * self.repeats
 
     def __getitem__(self, index):
-        row = self.dataset[index]
+        row = self.dataset[index % len(self.dataset)]
         rng = sample_rng(self.seed, self.epoch, index)
+        noise_seed = rng.getrandbits(63)
+        caption = self.captions.apply(pick_caption(row[self.caption_column], rng), rng)
         return {
-            "noise_seed": rng.getrandbits(63),
+            "noise_seed": noise_seed,
             "pixel_values": self.transform(row[self.image_column], rng),
-            "caption": pick_caption(row[self.caption_column], rng),
+            "caption": "" if self.captions.drop(rng) else caption,
         }
-
-
-def collate(examples):
-    return {
-        "noise_seed": torch.tensor([e["noise_seed"] for e in examples]),
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
-        "captions": [e["caption"] for e in examples],
-    }

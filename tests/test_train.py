@@ -151,15 +151,17 @@ def test_training_lowers_loss_on_fixed_noise(trained, tiny):
     """The trained LoRA gives a clearly lower loss than the base prior on the training images."""
     from diffusers import WuerstchenPriorPipeline
 
-    from wuerstchen_data import CaptionedImages, ImageTransform, collate, load_training_dataset
+    from torch.utils.data import default_collate
+
+    from wuerstchen_data import CaptionedImages, ImageTransform, load_training_dataset
 
     dataset, image_column, caption_column = load_training_dataset(tiny["dataset"])
     examples = CaptionedImages(dataset, image_column, caption_column, ImageTransform(128, center_crop=True), seed=0)
-    batch = collate([examples[i] for i in range(len(examples))])
+    batch = default_collate([examples[i] for i in range(len(examples))])
     prior, text_encoder, tokenizer, scheduler = load_prior_components(tiny["prior"])
     image_encoder = load_image_encoder(tiny["image_encoder"])
     emb = trainer.encode_images(image_encoder, batch["pixel_values"])
-    text = trainer.encode_text(text_encoder, tokenizer, batch["captions"], "cpu")
+    text = trainer.encode_text(text_encoder, tokenizer, batch["caption"], "cpu")
     base = fixed_loss(prior, scheduler, emb, text)
     pipe = WuerstchenPriorPipeline(tokenizer=tokenizer, text_encoder=text_encoder, prior=prior, scheduler=scheduler)
     pipe.load_lora_weights(str(trained))

@@ -1,0 +1,85 @@
+"""Caption handling: prefix, dropout, tag shuffling with fixed leading tags, repeats."""
+
+import random
+
+import torch
+from conftest import run_script, train_args
+
+import train_wuerstchen_prior_lora as trainer
+from embedding_cache import CachedExamples, build_cache
+from wuerstchen_data import CaptionOptions, load_training_dataset
+from wuerstchen_models import load_image_encoder, load_prior_components
+
+
+def test_shuffle_keeps_the_first_tags_and_adds_the_prefix():
+    opts = CaptionOptions(prefix="sks, ", shuffle_tags=True, keep_tokens=2)
+    caption = "1girl, solo, red hair, smile, outdoors, hat"
+    seen = set()
+    for seed in range(30):
+        out = opts.apply(caption, random.Random(seed))
+        assert out.startswith("sks, 1girl, solo, ")
+        assert sorted(out[len("sks, "):].split(", ")) == sorted(caption.split(", "))
+        seen.add(out)
+    assert len(seen) > 5
+    assert CaptionOptions(prefix="sks, ").apply("a, b, c", random.Random(0)) == "sks, a, b, c"
+
+
+def test_caption_dropout_rate():
+    opts = CaptionOptions(dropout=0.25)
+    rng = random.Random(0)
+    drops = sum(opts.drop(rng) for _ in range(4000))
+    assert 900 < drops < 1100
+    assert not any(CaptionOptions().drop(rng) for _ in range(100))
+
+
+class OneProcess:
+    process_index, num_processes, is_main_process, is_local_main_process = 0, 1, True, True
+
+    def print(self, *a):
+        pass
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_cached_dropout_shuffle_and_repeats(tiny, tmp_path):
+    prior, text_encoder, tokenizer, _ = load_prior_components(tiny["prior"])
+    image_encoder = load_image_encoder(tiny["image_encoder"])
+    args = trainer.parse_args(["--dataset", tiny["dataset"], "--resolution", "64", "--center_crop", "--caption_prefix", "sks, "])
+    dataset, image_column, caption_column = load_training_dataset(args.dataset)
+    args.image_column, args.caption_column = image_column, caption_column
+    encode_text = lambda captions: trainer.encode_text(text_encoder, tokenizer, captions, "cpu")  # noqa: E731
+    opts = CaptionOptions(prefix="sks, ", dropout=0.5)
+    build_cache(str(tmp_path / "c"), dataset, image_column, caption_column, args,
+                lambda px: trainer.encode_images(image_encoder, px), encode_text, OneProcess(), captions=opts)
+
+    cached = CachedExamples(str(tmp_path / "c"), 64, False, 0, opts, repeats=2)
+    assert len(cached) == 16
+    empty = encode_text([""])[0]
+    prefixed = encode_text(["sks, " + dataset[0][caption_column]])[0]
+    kinds = set()
+    for index in (0, 8):  # the same image, twice per epoch
+        for epoch in range(6):
+            cached.set_epoch(epoch)
+            text = cached[index]["text_embeddings"]
+            kinds.add("empty" if torch.allclose(text, empty, atol=1e-5) else "prefixed" if torch.allclose(text, prefixed, atol=1e-5) else "other")
+    assert kinds == {"empty", "prefixed"}
+    cached.set_epoch(0)
+    assert cached[0]["noise_seed"] != cached[8]["noise_seed"]  # a repeat is a different draw
+
+    shuffled = CachedExamples(str(tmp_path / "c"), 64, False, 0, CaptionOptions(prefix="sks, ", shuffle_tags=True, keep_tokens=1),
+                              raw_captions=["first, b, c, d, e"] * len(dataset))
+    drawn = set()
+    for epoch in range(8):
+        shuffled.set_epoch(epoch)
+        caption = shuffled[0]["caption"]
+        assert caption.startswith("sks, first, ")
+        drawn.add(caption)
+    assert len(drawn) > 2
+
+
+def test_script_with_every_caption_option(tiny, dataset_factory, tmp_path):
+    out = tmp_path / "out"
+    proc = run_script(train_args(tiny, out, steps=3, extra=["--shuffle_tags", "--keep_tokens", "1", "--caption_prefix", "sks, ",
+                                                            "--caption_dropout", "0.3", "--repeats", "2"]))
+    assert "16 samples" in proc.stdout
