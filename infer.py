@@ -37,7 +37,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="training output folder, a checkpoint-N folder, or the .safetensors file")
-    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="the prompt")
     prompt.add_argument("--prompt_file", help="a text file with one prompt per line (blank lines ignored)")
     p.add_argument("--negative_prompt", default=None)
@@ -55,7 +55,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--output", default="demo.png", help="PNG path; several images get -0, -1, ... before the suffix")
+    p.add_argument("--save_merged_prior", default=None, metavar="DIR", help="instead of generating: write the prior with the LoRA (times --lora_scale) merged in, loadable with WuerstchenPrior.from_pretrained")
     args = p.parse_args(argv)
+    if args.save_merged_prior:
+        args.dtype = args.dtype or "fp32"  # merge at full precision unless told otherwise
+    elif args.prompt is None and args.prompt_file is None:
+        raise UserError("give --prompt or --prompt_file (or --save_merged_prior DIR to export a merged prior)")
     if args.num_images <= 0 or args.decoder_steps <= 0:
         raise UserError("--num_images and --decoder_steps must be positive")
     for side in ("height", "width"):
@@ -64,7 +69,9 @@ def parse_args(argv=None):
         if value != rounded:
             print(f"note: --{side} {value} is not a multiple of 128; using {rounded}", file=sys.stderr)
             setattr(args, side, rounded)
-    if args.prompt_file is not None:
+    if args.save_merged_prior:
+        args.prompts = []
+    elif args.prompt_file is not None:
         if not os.path.isfile(args.prompt_file):
             raise UserError(f"--prompt_file {args.prompt_file}: no such file")
         with open(args.prompt_file, encoding="utf-8", errors="replace") as f:
@@ -97,12 +104,11 @@ def output_paths(output, n):
     return [f"{stem}-{i}{ext or '.png'}" for i in range(n)]
 
 
-def load_pipelines(args, lora_path):
-    """Prior pipeline with the LoRA loaded (checked) and scaled or fused, and the decoder pipeline."""
+def load_prior_pipeline(args, lora_path):
+    """Prior pipeline with the LoRA loaded (checked) and scaled or fused."""
     info = read_training_info(lora_path) or {}
     dtype = DTYPES[args.dtype]
     prior_model = args.prior_model or info.get("base_model") or DEFAULT_PRIOR
-    decoder_model = args.decoder_model or info.get("decoder_model") or DEFAULT_DECODER
     prior, text_encoder, tokenizer, scheduler = load_prior_components(prior_model, None if args.prior_model else info.get("revision"))
     use_sdpa_attention(prior)
     prior_pipeline = build_prior_pipeline(prior, text_encoder, tokenizer, scheduler).to(args.device, dtype=dtype)
@@ -112,14 +118,32 @@ def load_pipelines(args, lora_path):
     elif args.lora_scale != 1.0:
         prior_pipeline.set_adapters(["lora"], adapter_weights=[args.lora_scale])
     prior_pipeline.set_progress_bar_config(disable=True)
-    decoder_pipeline = load_decoder_pipeline(decoder_model, dtype=dtype, device=args.device)
-    return prior_pipeline, decoder_pipeline
+    return prior_pipeline
+
+
+def load_pipelines(args, lora_path):
+    """Prior pipeline with the LoRA, and the decoder pipeline."""
+    info = read_training_info(lora_path) or {}
+    decoder_model = args.decoder_model or info.get("decoder_model") or DEFAULT_DECODER
+    return load_prior_pipeline(args, lora_path), load_decoder_pipeline(decoder_model, dtype=DTYPES[args.dtype], device=args.device)
+
+
+def save_merged_prior(args, lora_path):
+    """Merge the LoRA into the prior's weights, drop the adapter layers and save a plain prior."""
+    args.fuse_lora = True
+    prior_pipeline = load_prior_pipeline(args, lora_path)
+    prior_pipeline.unload_lora_weights()  # after fusing, this keeps the merged weights
+    prior_pipeline.prior.save_pretrained(args.save_merged_prior)
+    print(args.save_merged_prior)
+    return [args.save_merged_prior]
 
 
 def run(args):
     quiet_library_logs()
     lora_path = resolve_lora_path(args.checkpoint)
     check_lora_file(lora_path)  # before minutes of model loading
+    if args.save_merged_prior:
+        return save_merged_prior(args, lora_path)
     prior_pipeline, decoder_pipeline = load_pipelines(args, lora_path)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     images = generate_images(

@@ -14,6 +14,7 @@ import torch
 
 from wuerstchen_models import (
     LORA_WEIGHTS_NAME,
+    PEFT_ADAPTER_DIR,
     TRAINING_INFO_NAME,
     UserError,
     atomic_write_bytes,
@@ -21,6 +22,7 @@ from wuerstchen_models import (
     lora_digest,
     output_size_for_training_resolution,
     save_lora_file,
+    save_peft_adapter,
 )
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -208,6 +210,7 @@ def write_outputs(run, args, info):
     if not accelerator.is_main_process:
         return
     path = save_lora_file(args.output_dir, state, lora_config_dict(run.lora_config))
+    save_peft_adapter(os.path.join(args.output_dir, PEFT_ADAPTER_DIR), state, run.lora_config)
     if run.ema is not None:
         from peft.utils import get_peft_model_state_dict
 

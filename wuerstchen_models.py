@@ -305,6 +305,34 @@ def save_lora_file(output_dir, lora_state_dict, lora_config_dict, weight_name=LO
     return os.path.join(output_dir, weight_name)
 
 
+PEFT_ADAPTER_DIR = "peft_adapter"
+
+
+def save_peft_adapter(folder, lora_state_dict, lora_config):
+    """The adapter in PEFT's own layout: adapter_config.json + adapter_model.safetensors, keys
+    `base_model.model.<module>.lora_A.weight`, which `PeftModel.from_pretrained(prior, folder)` loads.
+    The LoRA config also goes into the header, as in the diffusers file, so diffusers'
+    `prior.load_lora_adapter(folder, weight_name="adapter_model.safetensors", prefix="base_model.model")`
+    restores alpha too."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    state = {f"base_model.model.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict.items()}
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_config.to_dict().items()}
+    # diffusers keeps the config under keys prefixed like the tensors they belong to.
+    header = {"format": "pt", "lora_adapter_metadata": json.dumps({f"base_model.model.{k}": v for k, v in config.items()}, default=str)}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=header)
+        os.replace(tmp, os.path.join(folder, "adapter_model.safetensors"))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    atomic_write_json(os.path.join(folder, "adapter_config.json"), {**config, "peft_type": "LORA"})
+    return folder
+
+
 def lora_digest(state_dict):
     """sha256 of LoRA tensors (names without any 'prior.' prefix, fp32): equal weights, equal digest."""
     import hashlib

@@ -1,0 +1,49 @@
+"""Exports: the PEFT-format adapter and a prior with the LoRA merged in."""
+
+import torch
+from diffusers import WuerstchenPriorPipeline
+
+import infer
+from wuerstchen_models import PEFT_ADAPTER_DIR, WuerstchenPrior, load_prior_components
+
+
+def prior_output(prior):
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(2, 16, 4, 4, generator=g), torch.rand(2, generator=g)
+    c = torch.randn(2, 77, prior.config.c_cond, generator=g)
+    with torch.no_grad():
+        return prior.eval()(x, r, c)
+
+
+def with_diffusers_lora(tiny, trained):
+    prior, text_encoder, tokenizer, scheduler = load_prior_components(tiny["prior"])
+    WuerstchenPriorPipeline(tokenizer=tokenizer, text_encoder=text_encoder, prior=prior, scheduler=scheduler).load_lora_weights(str(trained))
+    return prior_output(prior)
+
+
+def test_peft_format_loads_in_peft_and_in_diffusers(tiny, trained):
+    from peft import PeftModel
+
+    expected = with_diffusers_lora(tiny, trained)
+    folder = trained / PEFT_ADAPTER_DIR
+    assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+
+    base, *_ = load_prior_components(tiny["prior"])
+    model = PeftModel.from_pretrained(base, str(folder))
+    torch.testing.assert_close(prior_output(model.base_model.model), expected, rtol=1e-4, atol=1e-5)
+    model.load_adapter(str(folder), adapter_name="second")  # PEFT's own second-adapter path reads it too
+    assert "second" in model.peft_config
+
+    plain, *_ = load_prior_components(tiny["prior"])
+    plain.load_lora_adapter(str(folder), weight_name="adapter_model.safetensors", prefix="base_model.model")
+    torch.testing.assert_close(prior_output(plain), expected, rtol=1e-4, atol=1e-5)  # alpha 8, rank 4 restored
+
+
+def test_merged_prior_is_a_plain_prior_with_the_lora_inside(tiny, trained, tmp_path, capsys):
+    expected = with_diffusers_lora(tiny, trained)
+    out = tmp_path / "merged"
+    assert infer.main(["--checkpoint", str(trained), "--save_merged_prior", str(out), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    merged = WuerstchenPrior.from_pretrained(str(out))
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(prior_output(merged), expected, rtol=1e-4, atol=1e-5)
