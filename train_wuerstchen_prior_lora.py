@@ -42,6 +42,7 @@ from wuerstchen_models import (
 )
 from training_outputs import (
     list_checkpoints,
+    push_to_hub,
     register_lora_checkpoint_hooks,
     resume_checkpoint,
     save_checkpoint,
@@ -135,6 +136,8 @@ def parse_args(argv=None):
     g.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps; 0 = never")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N folder, or 'latest' in --output_dir")
+    g.add_argument("--push_to_hub", action="store_true", help="upload the LoRA, model card and validation images when training ends (log in with `huggingface-cli login` first)")
+    g.add_argument("--hub_model_id", default=None, help="hub repo for --push_to_hub (default: the --output_dir folder's name)")
 
     g = p.add_argument_group("validation and logging")
     g.add_argument("--validation_prompts", nargs="+", default=None, help="prompts rendered with the LoRA attached")
@@ -196,6 +199,8 @@ def check_args(args):
         raise UserError(f"--ema_decay must be in (0, 1) (got {args.ema_decay:g})")
     if args.snr_gamma <= 0 or args.noise_offset < 0:
         raise UserError("--snr_gamma must be positive and --noise_offset 0 or more")
+    if args.push_to_hub and not args.hub_model_id:
+        args.hub_model_id = os.path.basename(os.path.abspath(args.output_dir))
     if not args.dataset:
         raise UserError("--dataset is required: a hub dataset name, a local folder, or a .jsonl/.csv/.parquet file")
 
@@ -739,6 +744,8 @@ def train(args):
         run.validate(run.unwrapped, global_step)
     print_summary(accelerator, run.info["data"])
     accelerator.end_training()
+    if args.push_to_hub and accelerator.is_main_process:
+        push_to_hub(args)
     return global_step
 
 

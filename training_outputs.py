@@ -174,20 +174,28 @@ A LoRA adapter for the Wuerstchen v2 prior (Stage C) `{args.pretrained_prior_mod
 
 ## Use
 
-```python
+```bash
 python infer.py --checkpoint path/to/this/folder --prompt "{prompts[0]}"
 ```
 
-or with diffusers alone (the prior pipeline is assembled from its parts, which also works on diffusers 0.42):
+or with diffusers alone. On diffusers 0.42 `WuerstchenPriorPipeline.from_pretrained` fails, so the
+pipelines are assembled from their parts:
 
 ```python
 import torch
-from diffusers import WuerstchenPriorPipeline, WuerstchenDecoderPipeline
+from diffusers import DDPMWuerstchenScheduler, WuerstchenDecoderPipeline, WuerstchenPriorPipeline
+from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior  # < 0.38: diffusers.pipelines.wuerstchen
+from transformers import CLIPTextModel, CLIPTokenizer
 
-prior = WuerstchenPriorPipeline.from_pretrained("{args.pretrained_prior_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
+def parts(repo, **models):
+    loaded = {{name: cls.from_pretrained(repo, subfolder=name, torch_dtype=torch.float16) for name, cls in models.items()}}
+    return dict(loaded, tokenizer=CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer"),
+                scheduler=DDPMWuerstchenScheduler.from_pretrained(repo, subfolder="scheduler"))
+
+prior = WuerstchenPriorPipeline(**parts("{args.pretrained_prior_model_name_or_path}", prior=WuerstchenPrior, text_encoder=CLIPTextModel)).to("cuda")
 prior.load_lora_weights("path/to/this/folder")
-decoder = WuerstchenDecoderPipeline.from_pretrained("{args.pretrained_decoder_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
-embeddings = prior("{prompts[0]}", height={info["output_size"]}, width={info["output_size"]}).image_embeddings
+decoder = WuerstchenDecoderPipeline(**parts("{args.pretrained_decoder_model_name_or_path}", decoder=WuerstchenDiffNeXt, vqgan=PaellaVQModel, text_encoder=CLIPTextModel)).to("cuda")
+embeddings = prior("{prompts[0]}", height={info["output_size"]}, width={info["output_size"]}, guidance_scale=4.0).image_embeddings
 image = decoder(embeddings, prompt="{prompts[0]}").images[0]
 ```
 """
@@ -241,3 +249,36 @@ def training_info(args, accelerator, lora_config, global_step, trainable, total)
         "total_parameters": total,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
     }
+
+
+HUB_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors", "README.md", "training_info.json",
+             "args.json", "peft_adapter/adapter_config.json", "peft_adapter/adapter_model.safetensors")
+
+
+def hub_upload_plan(output_dir):
+    """What --push_to_hub uploads: the adapter files, the model card, the run's JSON and the
+    validation images; never checkpoints, the embedding cache or logs."""
+    files = [f for f in HUB_FILES if os.path.isfile(os.path.join(output_dir, f))]
+    validation = os.path.join(output_dir, "validation")
+    if os.path.isdir(validation):
+        files += sorted(f"validation/{n}" for n in os.listdir(validation) if n.endswith(".png"))
+    return files
+
+
+def push_to_hub(args):
+    """Upload the plan above to --hub_model_id (a token comes from `huggingface-cli login` or HF_TOKEN)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    later = f"the files are in {args.output_dir}; upload them later with `huggingface-cli upload {args.hub_model_id} {args.output_dir}`"
+    if HF_HUB_OFFLINE:
+        raise UserError(f"--push_to_hub: the hub is switched off here (HF_HUB_OFFLINE=1); {later}")
+    files = hub_upload_plan(args.output_dir)
+    try:
+        api = HfApi()
+        api.create_repo(args.hub_model_id, exist_ok=True)
+        api.upload_folder(repo_id=args.hub_model_id, folder_path=args.output_dir, allow_patterns=files,
+                          commit_message="Upload Wuerstchen prior LoRA")
+    except Exception as e:  # network, authentication and permission errors all leave the same remedy
+        raise UserError(f"--push_to_hub {args.hub_model_id} failed ({type(e).__name__}: {str(e).splitlines()[0][:150]}); {later}") from e
+    print(f"uploaded {len(files)} files to https://huggingface.co/{args.hub_model_id}")

@@ -47,3 +47,34 @@ def test_merged_prior_is_a_plain_prior_with_the_lora_inside(tiny, trained, tmp_p
     merged = WuerstchenPrior.from_pretrained(str(out))
     assert not any("lora" in name for name, _ in merged.named_parameters())
     torch.testing.assert_close(prior_output(merged), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_hub_upload_plan_and_offline_error(trained):
+    import argparse
+
+    import pytest
+
+    from training_outputs import hub_upload_plan, push_to_hub
+    from wuerstchen_models import UserError
+
+    plan = hub_upload_plan(str(trained))
+    assert {"pytorch_lora_weights.safetensors", "README.md", "training_info.json", "args.json",
+            "peft_adapter/adapter_model.safetensors", "peft_adapter/adapter_config.json"} <= set(plan)
+    assert any(p.startswith("validation/") for p in plan)
+    assert not any(p.startswith(("checkpoint-", "embeddings_cache", "logs")) for p in plan)
+    args = argparse.Namespace(output_dir=str(trained), hub_model_id="someone/my-lora")
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE=1.*huggingface-cli upload someone/my-lora"):
+        push_to_hub(args)
+
+
+def test_model_card_snippet_runs(trained, tiny):
+    """The diffusers code in the model card works as written (on the CPU, in fp32, on the tiny models)."""
+    import re
+
+    card = (trained / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, flags=re.S).group(1)
+    code = code.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32").replace("path/to/this/folder", str(trained))
+    code = code.replace("guidance_scale=4.0", "guidance_scale=4.0, num_inference_steps=2")
+    scope = {}
+    exec(compile(code, "model card", "exec"), scope)
+    assert scope["image"].size == (128, 128)
