@@ -26,20 +26,6 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from wuerstchen_models import (
-    DEFAULT_DECODER,
-    DEFAULT_LORA_TARGETS,
-    DEFAULT_PRIOR,
-    EMBEDDING_SCALE,
-    EMBEDDING_SHIFT,
-    UserError,
-    atomic_write_json,
-    build_prior_pipeline,
-    generate_images,
-    output_size_for_training_resolution,
-    quiet_library_logs,
-    save_png,
-)
 from training_outputs import (
     list_checkpoints,
     push_to_hub,
@@ -48,6 +34,17 @@ from training_outputs import (
     save_checkpoint,
     training_info,
     write_outputs,
+)
+from validation import HeldOutLoss, Validator
+from wuerstchen_models import (
+    DEFAULT_DECODER,
+    DEFAULT_LORA_TARGETS,
+    DEFAULT_PRIOR,
+    EMBEDDING_SCALE,
+    EMBEDDING_SHIFT,
+    UserError,
+    atomic_write_json,
+    quiet_library_logs,
 )
 
 # Which of the prior's Linear layers get LoRA (REFERENCE.md lists them). "mapper" is the
@@ -142,6 +139,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("validation and logging")
     g.add_argument("--validation_prompts", nargs="+", default=None, help="prompts rendered with the LoRA attached")
     g.add_argument("--validation_steps", type=int, default=100, help="render the validation prompts every N steps (and at the end)")
+    g.add_argument("--validation_split", type=float, default=0.0, help="hold out this fraction of the dataset for a validation loss (fixed noise and timesteps)")
+    g.add_argument("--validation_dataset", default=None, help="a separate held-out dataset (same formats as --dataset) for the validation loss")
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
     g.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
 
@@ -199,6 +198,8 @@ def check_args(args):
         raise UserError(f"--ema_decay must be in (0, 1) (got {args.ema_decay:g})")
     if args.snr_gamma <= 0 or args.noise_offset < 0:
         raise UserError("--snr_gamma must be positive and --noise_offset 0 or more")
+    if not 0 <= args.validation_split < 1 or (args.validation_split and args.validation_dataset):
+        raise UserError("--validation_split is a fraction in [0, 1), and it excludes --validation_dataset: give one")
     if args.push_to_hub and not args.hub_model_id:
         args.hub_model_id = os.path.basename(os.path.abspath(args.output_dir))
     if not args.dataset:
@@ -267,7 +268,11 @@ def weight_dtype_for(accelerator):
 
 def load_frozen_models(args, device, dtype):
     """Prior, text encoder, tokenizer, scheduler and EfficientNet, all frozen, on `device` in `dtype`."""
-    from wuerstchen_models import load_image_encoder, load_prior_components, use_sdpa_attention
+    from wuerstchen_models import (
+        load_image_encoder,
+        load_prior_components,
+        use_sdpa_attention,
+    )
 
     prior, text_encoder, tokenizer, scheduler = load_prior_components(args.pretrained_prior_model_name_or_path, args.revision)
     image_encoder = load_image_encoder(args.image_encoder)
@@ -439,9 +444,25 @@ def load_data(args, accelerator):
     if bad:
         bad_indices = {b[0] for b in bad}
         dataset = dataset.select([i for i in range(len(dataset)) if i not in bad_indices])
-    report = {"images": len(dataset), "bad_images": len(bad), "bad_examples": [f"{n}: {r}" for _, n, r in bad[:20]]}
+    held_out = None
+    if args.validation_split:
+        n = max(1, round(len(dataset) * args.validation_split))
+        if n >= len(dataset):
+            raise UserError(f"--validation_split {args.validation_split:g} leaves no training images out of {len(dataset)}")
+        split = dataset.train_test_split(test_size=n, seed=args.seed)
+        dataset, held_out = split["train"], split["test"]
+    elif args.validation_dataset:
+        with accelerator.main_process_first():
+            held_out, held_image, held_caption = load_training_dataset(args.validation_dataset, cache_dir=args.cache_dir)
+        unreadable = {i for i, _, _ in find_bad_images(held_out, held_image, range(len(held_out)))}
+        held_out = held_out.select([i for i in range(len(held_out)) if i not in unreadable])
+        held_out = held_out.rename_columns({c: n for c, n in ((held_image, image_column), (held_caption, caption_column)) if c != n})
+        if len(held_out) == 0:
+            raise UserError(f"--validation_dataset {args.validation_dataset}: no readable images")
+    report = {"images": len(dataset), "bad_images": len(bad), "bad_examples": [f"{n}: {r}" for _, n, r in bad[:20]],
+              "held_out_images": len(held_out) if held_out is not None else 0}
     report.update(caption_stats(dataset, caption_column, tokenizer))
-    return dataset, report
+    return dataset, held_out, report
 
 
 def caption_options(args):
@@ -497,59 +518,6 @@ def embed_batch(batch, image_encoder, text_encoder, tokenizer, device, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation and final output
-
-
-class Validator:
-    """Renders the validation prompts with the LoRA attached; the decoder is loaded once, on first use."""
-
-    def __init__(self, args, accelerator, text_encoder, tokenizer, scheduler, dtype):
-        self.args, self.accelerator = args, accelerator
-        self.text_encoder, self.tokenizer, self.scheduler, self.dtype = text_encoder, tokenizer, scheduler, dtype
-        self.decoder = None
-        self.size = output_size_for_training_resolution(args.resolution)
-
-    def __call__(self, prior, step):
-        from diffusers import DDPMWuerstchenScheduler
-
-        from wuerstchen_models import load_decoder_pipeline
-
-        args, accelerator = self.args, self.accelerator
-        if self.decoder is None:
-            self.decoder = load_decoder_pipeline(args.pretrained_decoder_model_name_or_path, dtype=self.dtype, device=accelerator.device)
-        pipeline = build_prior_pipeline(prior, self.text_encoder, self.tokenizer, DDPMWuerstchenScheduler.from_config(self.scheduler.config))
-        pipeline.set_progress_bar_config(disable=True)
-        was_training = prior.training
-        prior.eval()
-        generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
-        home = self.text_encoder.device  # the CPU once the embedding cache is built
-        self.text_encoder.to(accelerator.device)
-        with torch.autocast(accelerator.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            images = generate_images(pipeline, self.decoder, args.validation_prompts, height=self.size, width=self.size, generator=generator)
-        self.text_encoder.to(home)
-        prior.train(was_training)
-        folder = os.path.join(args.output_dir, "validation")
-        paths = []
-        for i, image in enumerate(images):
-            paths.append(os.path.join(folder, f"step-{step:06d}-{i}.png"))
-            save_png(image, paths[-1])
-        log_images(accelerator, images, args.validation_prompts, step)
-        return paths
-
-
-def log_images(accelerator, images, prompts, step):
-    import numpy as np
-
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images("val/images", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"val/images": [wandb.Image(im, caption=p) for im, p in zip(images, prompts)]}, step=step)
-
-
-# ----------------------------------------------------------------------------------------------
 # Training
 
 
@@ -595,10 +563,17 @@ def setup(args):
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-    dataset, run.data_report = load_data(args, accelerator)
+    dataset, held_out, run.data_report = load_data(args, accelerator)
 
     run.dtype = dtype = weight_dtype_for(accelerator)
     prior, run.text_encoder, run.tokenizer, run.scheduler, run.image_encoder = load_frozen_models(args, accelerator.device, dtype)
+    run.held_out_loss = None
+    if held_out is not None:  # encoded now, while the encoders are on the device
+        run.held_out_loss = HeldOutLoss(
+            held_out, args.image_column, args.caption_column, args,
+            encode_image=lambda pixels: encode_images(run.image_encoder, pixels.to(accelerator.device, dtype=dtype)),
+            encode_text=lambda captions: encode_text(run.text_encoder, run.tokenizer, captions, accelerator.device),
+        )
     if args.cache_embeddings:
         examples = cached_examples(args, accelerator, dataset, run.image_encoder, run.text_encoder, run.tokenizer, dtype)
         # The encoders are done: EfficientNet goes; CLIP waits on the CPU for validation prompts,
@@ -698,7 +673,20 @@ def after_update(run, loss, global_step):
         path = save_checkpoint(accelerator, args, global_step)
         if stop:
             raise Interrupted(run.stop_signals[0] if run.stop_signals else 15, path)
-    if run.validate and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+    if global_step % args.validation_steps == 0:
+        validate(run, global_step)
+
+
+def validate(run, global_step):
+    """Held-out loss and validation images, on the main process (the others go on to the next step)."""
+    if not run.accelerator.is_main_process:
+        return
+    if run.held_out_loss is not None:
+        loss = run.held_out_loss(run.unwrapped, run.scheduler, run.accelerator, compute_loss)
+        run.info.setdefault("validation_loss", {})[str(global_step)] = loss
+        run.accelerator.log({"val/loss": loss}, step=global_step)
+        run.progress.write(f"step {global_step}: validation loss {loss:.4f}")
+    if run.validate:
         run.validate(run.unwrapped, global_step)
 
 
@@ -739,9 +727,9 @@ def train(args):
     accelerator.wait_for_everyone()
     run.info["global_step"] = global_step
     run.info["data"]["skipped_nonfinite_steps"] = run.nonfinite_total
+    if global_step % args.validation_steps:  # the final state, unless it was just validated
+        validate(run, global_step)
     write_outputs(run, args, run.info)
-    if run.validate and global_step % args.validation_steps and accelerator.is_main_process:
-        run.validate(run.unwrapped, global_step)
     print_summary(accelerator, run.info["data"])
     accelerator.end_training()
     if args.push_to_hub and accelerator.is_main_process:

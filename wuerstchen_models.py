@@ -14,10 +14,13 @@ import tempfile
 
 import torch
 import torch.nn as nn
+from diffusers import (
+    DDPMWuerstchenScheduler,
+    WuerstchenDecoderPipeline,
+    WuerstchenPriorPipeline,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from diffusers import DDPMWuerstchenScheduler, WuerstchenDecoderPipeline, WuerstchenPriorPipeline
 
 try:  # diffusers >= 0.38 moved the Wuerstchen models under `deprecated`
     from diffusers.pipelines.deprecated.wuerstchen import (

@@ -1,0 +1,105 @@
+"""Validation during training: images rendered with the LoRA attached, and a loss on held-out
+images at fixed noise and timesteps (so that two evaluations differ only by the weights)."""
+
+import os
+
+import torch
+
+from wuerstchen_models import (
+    build_prior_pipeline,
+    generate_images,
+    output_size_for_training_resolution,
+    save_png,
+)
+
+# Timesteps of the held-out loss: spread over the schedule, the same at every evaluation.
+HELD_OUT_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+class Validator:
+    """Renders the validation prompts with the LoRA attached; the decoder is loaded once, on first use."""
+
+    def __init__(self, args, accelerator, text_encoder, tokenizer, scheduler, dtype):
+        self.args, self.accelerator = args, accelerator
+        self.text_encoder, self.tokenizer, self.scheduler, self.dtype = text_encoder, tokenizer, scheduler, dtype
+        self.decoder = None
+        self.size = output_size_for_training_resolution(args.resolution)
+
+    def __call__(self, prior, step):
+        from diffusers import DDPMWuerstchenScheduler
+
+        from wuerstchen_models import load_decoder_pipeline
+
+        args, accelerator = self.args, self.accelerator
+        if self.decoder is None:
+            self.decoder = load_decoder_pipeline(args.pretrained_decoder_model_name_or_path, dtype=self.dtype, device=accelerator.device)
+        pipeline = build_prior_pipeline(prior, self.text_encoder, self.tokenizer, DDPMWuerstchenScheduler.from_config(self.scheduler.config))
+        pipeline.set_progress_bar_config(disable=True)
+        was_training = prior.training
+        prior.eval()
+        generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+        home = self.text_encoder.device  # the CPU once the embedding cache is built
+        self.text_encoder.to(accelerator.device)
+        with torch.autocast(accelerator.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            images = generate_images(pipeline, self.decoder, args.validation_prompts, height=self.size, width=self.size, generator=generator)
+        self.text_encoder.to(home)
+        prior.train(was_training)
+        folder = os.path.join(args.output_dir, "validation")
+        paths = []
+        for i, image in enumerate(images):
+            paths.append(os.path.join(folder, f"step-{step:06d}-{i}.png"))
+            save_png(image, paths[-1])
+        log_images(accelerator, images, args.validation_prompts, step)
+        return paths
+
+
+def log_images(accelerator, images, prompts, step):
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("val/images", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"val/images": [wandb.Image(im, caption=p) for im, p in zip(images, prompts)]}, step=step)
+
+
+class HeldOutLoss:
+    """Embeddings of held-out images (centre crop, no flip, first caption), encoded once, with a
+    fixed noise per sample and timestep; `__call__` gives the prior's mean loss on them."""
+
+    def __init__(self, dataset, image_column, caption_column, args, encode_image, encode_text):
+        from wuerstchen_data import ImageTransform, pick_caption
+
+        transform = ImageTransform(args.resolution, center_crop=True, random_flip=False)
+        self.batches = []
+        for start in range(0, len(dataset), args.train_batch_size):
+            rows = [dataset[i] for i in range(start, min(start + args.train_batch_size, len(dataset)))]
+            pixels = torch.stack([transform(row[image_column], None) for row in rows])
+            captions = [args.caption_prefix + pick_caption(_first(row[caption_column]), None) for row in rows]
+            image = encode_image(pixels).float().cpu()
+            g = torch.Generator().manual_seed(args.seed + start)
+            noise = torch.randn((len(HELD_OUT_TIMESTEPS),) + tuple(image.shape), generator=g)
+            self.batches.append((image, encode_text(captions).cpu(), noise))
+        self.size = len(dataset)
+
+    @torch.no_grad()
+    def __call__(self, prior, scheduler, accelerator, compute_loss):
+        was_training = prior.training
+        prior.eval()
+        total = 0.0
+        device = accelerator.device
+        for image, text, noise in self.batches:
+            image, text = image.to(device), text.to(device)
+            for k, t in enumerate(HELD_OUT_TIMESTEPS):
+                timesteps = torch.full((image.shape[0],), t, device=device)
+                with accelerator.autocast():
+                    loss = compute_loss(prior, scheduler, image, text, noise[k].to(device), timesteps)
+                total += loss.item() * image.shape[0]
+        prior.train(was_training)
+        return total / (self.size * len(HELD_OUT_TIMESTEPS))
+
+
+def _first(value):
+    return value[0] if isinstance(value, (list, tuple)) and value else value
