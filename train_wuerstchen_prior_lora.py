@@ -591,6 +591,7 @@ def setup(args):
     trainable, total = sum(p.numel() for p in run.params), sum(p.numel() for p in prior.parameters())
     accelerator.print(f"LoRA: {trainable:,} trainable of {total:,} prior parameters ({100 * trainable / total:.2f}%)")
     optimizer = make_optimizer(args, run.params, accelerator.device)
+    run.examples = examples
     run.prior, run.optimizer, run.dataloader = accelerator.prepare(prior, optimizer, make_dataloader(args, examples))
     run.steps_per_epoch = math.ceil(len(run.dataloader) / args.gradient_accumulation_steps)
     run.max_steps = args.max_train_steps or args.num_train_epochs * run.steps_per_epoch
@@ -713,7 +714,8 @@ def train(args):
     skip *= args.gradient_accumulation_steps
     with run.progress, stop_on_signals(run):  # the bar closes on any exit: an error starts on its own line
         for epoch in range(first_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
-            run.dataloader.set_epoch(epoch)
+            run.dataloader.set_epoch(epoch)  # the data order...
+            run.examples.set_epoch(epoch)  # ...and augmentation, captions and noise (accelerate skips this with several processes)
             batches = accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader
             for batch_index, batch in enumerate(batches, start=skip):
                 loss = training_step(run, batch, epoch, batch_index)
