@@ -74,10 +74,11 @@ def prior_without_dropout(tiny, tmp_path_factory):
 
 
 def test_gradients_are_averaged_across_processes(prior_without_dropout, tmp_path):
-    """One step on 2 processes x batch 2 == one step on 1 process x batch 4: same samples, same
+    """Steps on 2 processes x batch 2 == steps on 1 process x batch 4: same samples, same
     per-sample noise and timesteps, no dropout. A large Adam epsilon makes the first update
     proportional to the gradient (lr * g / eps) instead of its sign, so a sum instead of a mean shows."""
-    extra = ["--max_train_steps", "1", "--learning_rate", "1.0", "--adam_epsilon", "1e3", "--adam_weight_decay", "0",
+    # 3 steps of 4 samples out of 8: the third step is in the second epoch, whose noise must be drawn anew
+    extra = ["--max_train_steps", "3", "--learning_rate", "1.0", "--adam_epsilon", "1e3", "--adam_weight_decay", "0",
              "--max_grad_norm", "0", "--center_crop"]
     two = tmp_path / "two"
     launch(train_args(prior_without_dropout, two, extra=extra + ["--train_batch_size", "2"]), launcher="torchrun")
