@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from wuerstchen_data import CaptionOptions, pick_caption, sample_rng, to_rgb
+from wuerstchen_data import CaptionOptions, pick_caption, resize_to_cover, sample_rng, to_rgb
 from wuerstchen_models import IMAGENET_MEAN, IMAGENET_STD, atomic_write_json
 
 CACHE_FORMAT = 1
@@ -69,6 +69,7 @@ def cache_key(args, dataset, dtype, image_encoder_path):
         "resolution": args.resolution,
         "center_crop": args.center_crop,
         "random_flip": args.random_flip,
+        "buckets": [args.aspect_ratio_buckets, args.bucket_max_upscale],
         "image_encoder": _stat_digest(image_encoder_path),
         "text_encoder": [prior, args.revision] + [_stat_digest(os.path.join(prior, sub)) for sub in ("text_encoder", "tokenizer")],
         "dtype": str(dtype),
@@ -81,15 +82,17 @@ def cache_key(args, dataset, dtype, image_encoder_path):
 # Building
 
 
-def image_for_cache(image, resolution, center_crop):
-    """Resize the short side to `resolution`; centre-crop a square, or (random-crop mode) trim the
-    long side to a multiple of 32 so that the whole image is encoded on the lattice."""
-    image = TF.resize(to_rgb(image), resolution, interpolation=InterpolationMode.BILINEAR, antialias=True)
-    w, h = image.size
-    if center_crop:
-        tw = th = resolution
+def image_for_cache(image, resolution, center_crop, bucket=None):
+    """Resize so the image covers the square (short side = `resolution`) or its bucket; centre-crop
+    to it, or (random-crop mode) trim each side to a multiple of 32 so that the whole image is
+    encoded on the lattice and windows of the target grid can be taken from it."""
+    if bucket is None:
+        image = TF.resize(to_rgb(image), resolution, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        target = (resolution, resolution)
     else:
-        tw, th = w // 32 * 32, h // 32 * 32
+        image, target = resize_to_cover(to_rgb(image), bucket), bucket
+    w, h = image.size
+    tw, th = target if center_crop else (w // 32 * 32, h // 32 * 32)
     return TF.center_crop(image, [th, tw])
 
 
@@ -103,7 +106,7 @@ def _captions(value):
     return [v.strip() for v in values if isinstance(v, str) and v.strip()] or [""]
 
 
-def build_cache(folder, dataset, image_column, caption_column, args, encode_image, encode_text, accelerator, captions=CaptionOptions()):
+def build_cache(folder, dataset, image_column, caption_column, args, encode_image, encode_text, accelerator, captions=CaptionOptions(), row_buckets=None):
     """Encode this process's share of the dataset into `folder` (once), then wait for the others.
 
     encode_image(pixels [1,3,H,W]) -> [1,16,h,w]; encode_text(list of str) -> [n,77,d].
@@ -119,7 +122,7 @@ def build_cache(folder, dataset, image_column, caption_column, args, encode_imag
     indices = range(rank, len(dataset), world)
     for i in tqdm(indices, desc="caching embeddings", disable=not accelerator.is_local_main_process):
         row = dataset[i]
-        image = image_for_cache(row[image_column], args.resolution, args.center_crop)
+        image = image_for_cache(row[image_column], args.resolution, args.center_crop, row_buckets[i] if row_buckets else None)
         images[str(i)] = encode_image(_pixels(image))[0].cpu().contiguous()
         if args.random_flip:
             images[f"{i}.flip"] = encode_image(_pixels(TF.hflip(image)))[0].cpu().contiguous()
@@ -132,7 +135,9 @@ def build_cache(folder, dataset, image_column, caption_column, args, encode_imag
         _atomic_save({"empty": encode_text([""])[0].cpu().contiguous()}, os.path.join(folder, "empty.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_json(os.path.join(folder, MANIFEST), {"format": CACHE_FORMAT, "rows": len(dataset), "shards": world})
+        # The training grid (height, width in cells) of each row: the square, or the row's bucket.
+        grids = [[b[1] // 32, b[0] // 32] for b in row_buckets] if row_buckets else None
+        atomic_write_json(os.path.join(folder, MANIFEST), {"format": CACHE_FORMAT, "rows": len(dataset), "shards": world, "grids": grids})
     accelerator.wait_for_everyone()
     return folder
 
@@ -159,7 +164,7 @@ class CachedExamples(torch.utils.data.Dataset):
         with open(os.path.join(folder, MANIFEST)) as f:
             manifest = json.load(f)
         self.folder, self.rows, self.shards = folder, manifest["rows"], manifest["shards"]
-        self.grid = resolution // 32
+        self.grids = manifest.get("grids") or [[resolution // 32, resolution // 32]] * self.rows
         self.random_flip, self.seed, self.epoch = random_flip, seed, 0
         self.captions, self.raw_captions, self.repeats = captions, raw_captions, repeats
         if captions.shuffle_tags and raw_captions is None:
@@ -205,11 +210,12 @@ class CachedExamples(torch.utils.data.Dataset):
         flip = self.random_flip and rng.random() < 0.5
         image = self._file(f"images-{row % self.shards:03d}.safetensors").get_tensor(f"{row}.flip" if flip else str(row))
         h, w = image.shape[-2:]
-        top, left = rng.randint(0, h - self.grid), rng.randint(0, w - self.grid)
+        gh, gw = self.grids[row]
+        top, left = rng.randint(0, h - gh), rng.randint(0, w - gw)
         if self.captions.drop(rng):
             text_key, text = ("caption", "") if text_key == "caption" else (text_key, self.empty_text())
         return {
             "noise_seed": noise_seed,
-            "image_embeddings": image[:, top : top + self.grid, left : left + self.grid].contiguous(),
+            "image_embeddings": image[:, top : top + gh, left : left + gw].contiguous(),
             text_key: text,
         }

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import math
 import os
+import random
 import sys
 
 import torch
@@ -89,6 +90,8 @@ def parse_args(argv=None):
     crop.add_argument("--center_crop", dest="center_crop", action="store_true", help="crop the centre square")
     crop.add_argument("--random_crop", dest="center_crop", action="store_false", help="crop a random square (default)")
     g.add_argument("--random_flip", action="store_true", help="flip horizontally with probability 0.5")
+    g.add_argument("--aspect_ratio_buckets", action="store_true", help="train each image at the bucket (sides multiple of 32, about resolution^2 pixels) nearest its aspect ratio instead of a square crop")
+    g.add_argument("--bucket_max_upscale", type=float, default=2.0, help="with buckets: leave out images that would need more enlargement than this")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument("--repeats", type=int, default=1, help="how often each image appears per epoch")
     g.add_argument("--caption_prefix", default="", help='prepended to every caption, e.g. "sks style, "')
@@ -200,6 +203,8 @@ def check_args(args):
         raise UserError("--snr_gamma must be positive and --noise_offset 0 or more")
     if not 0 <= args.validation_split < 1 or (args.validation_split and args.validation_dataset):
         raise UserError("--validation_split is a fraction in [0, 1), and it excludes --validation_dataset: give one")
+    if args.bucket_max_upscale < 1:
+        raise UserError(f"--bucket_max_upscale is a factor of 1 or more (got {args.bucket_max_upscale:g})")
     if args.push_to_hub and not args.hub_model_id:
         args.hub_model_id = os.path.basename(os.path.abspath(args.output_dir))
     if not args.dataset:
@@ -421,7 +426,7 @@ def load_data(args, accelerator):
     from accelerate.utils import gather_object
     from transformers import CLIPTokenizer
 
-    from wuerstchen_data import caption_stats, find_bad_images, load_training_dataset
+    from wuerstchen_data import caption_stats, inspect_images, load_training_dataset
     from wuerstchen_models import model_load_errors
 
     with accelerator.main_process_first():
@@ -432,7 +437,8 @@ def load_data(args, accelerator):
         dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
     args.image_column, args.caption_column = image_column, caption_column
     share = range(accelerator.process_index, len(dataset), accelerator.num_processes)
-    bad = sorted(gather_object(find_bad_images(dataset, image_column, share)))
+    sizes, bad = inspect_images(dataset, image_column, share)
+    sizes, bad = dict(gather_object(list(sizes.items()))), sorted(gather_object(bad))
     for index, name, reason in bad[:5]:
         accelerator.print(f"warning: skipping {name}: {reason}")
     if len(bad) > 5:
@@ -441,28 +447,61 @@ def load_data(args, accelerator):
         raise UserError(f"--dataset {args.dataset}: none of the {len(dataset)} images could be read (e.g. {bad[0][1]}: {bad[0][2]})")
     if len(bad) > args.max_bad_images * len(dataset):
         raise UserError(f"--dataset {args.dataset}: {len(bad)} of {len(dataset)} images are unreadable, more than --max_bad_images {args.max_bad_images:g}; fix or remove them (first: {bad[0][1]}: {bad[0][2]})")
-    if bad:
-        bad_indices = {b[0] for b in bad}
-        dataset = dataset.select([i for i in range(len(dataset)) if i not in bad_indices])
+    keep = sorted(sizes)  # row numbers of the usable images
     held_out = None
     if args.validation_split:
-        n = max(1, round(len(dataset) * args.validation_split))
-        if n >= len(dataset):
-            raise UserError(f"--validation_split {args.validation_split:g} leaves no training images out of {len(dataset)}")
-        split = dataset.train_test_split(test_size=n, seed=args.seed)
-        dataset, held_out = split["train"], split["test"]
+        n = max(1, round(len(keep) * args.validation_split))
+        if n >= len(keep):
+            raise UserError(f"--validation_split {args.validation_split:g} leaves no training images out of {len(keep)}")
+        order = keep[:]
+        random.Random(args.seed).shuffle(order)
+        held_out, keep = dataset.select(sorted(order[:n])), sorted(order[n:])
     elif args.validation_dataset:
-        with accelerator.main_process_first():
-            held_out, held_image, held_caption = load_training_dataset(args.validation_dataset, cache_dir=args.cache_dir)
-        unreadable = {i for i, _, _ in find_bad_images(held_out, held_image, range(len(held_out)))}
-        held_out = held_out.select([i for i in range(len(held_out)) if i not in unreadable])
-        held_out = held_out.rename_columns({c: n for c, n in ((held_image, image_column), (held_caption, caption_column)) if c != n})
-        if len(held_out) == 0:
-            raise UserError(f"--validation_dataset {args.validation_dataset}: no readable images")
-    report = {"images": len(dataset), "bad_images": len(bad), "bad_examples": [f"{n}: {r}" for _, n, r in bad[:20]],
+        held_out = load_held_out_dataset(args, accelerator, image_column, caption_column)
+    report = {"bad_images": len(bad), "bad_examples": [f"{n}: {r}" for _, n, r in bad[:20]],
               "held_out_images": len(held_out) if held_out is not None else 0}
+    row_buckets = None
+    if args.aspect_ratio_buckets:
+        keep, row_buckets, report["buckets"], report["too_small_for_bucket"] = bucket_rows(args, keep, sizes)
+    dataset = dataset.select(keep) if len(keep) != len(dataset) else dataset
+    report["images"] = len(dataset)
     report.update(caption_stats(dataset, caption_column, tokenizer))
-    return dataset, held_out, report
+    return dataset, held_out, row_buckets, report
+
+
+def load_held_out_dataset(args, accelerator, image_column, caption_column):
+    from wuerstchen_data import inspect_images, load_training_dataset
+
+    with accelerator.main_process_first():
+        held_out, held_image, held_caption = load_training_dataset(args.validation_dataset, cache_dir=args.cache_dir)
+    sizes, _ = inspect_images(held_out, held_image, range(len(held_out)))
+    if not sizes:
+        raise UserError(f"--validation_dataset {args.validation_dataset}: no readable images")
+    held_out = held_out.select(sorted(sizes))
+    return held_out.rename_columns({c: n for c, n in ((held_image, image_column), (held_caption, caption_column)) if c != n})
+
+
+def bucket_rows(args, rows, sizes):
+    """Each image's aspect-ratio bucket; images that would need more than --bucket_max_upscale
+    enlargement to cover their bucket are left out (and counted)."""
+    from wuerstchen_data import assign_bucket, make_buckets, upscale_needed
+
+    buckets = make_buckets(args.resolution)
+    assigned = {i: assign_bucket(sizes[i], buckets) for i in rows}
+    kept = [i for i in rows if upscale_needed(sizes[i], assigned[i]) <= args.bucket_max_upscale]
+    if not kept:
+        raise UserError(f"every image is smaller than its bucket by more than --bucket_max_upscale {args.bucket_max_upscale:g}; lower --resolution or raise the limit")
+    counts = {}
+    for i in kept:
+        counts[f"{assigned[i][0]}x{assigned[i][1]}"] = counts.get(f"{assigned[i][0]}x{assigned[i][1]}", 0) + 1
+    return kept, [assigned[i] for i in kept], counts, len(rows) - len(kept)
+
+
+def common_bucket(row_buckets):
+    """The most frequent (width, height) bucket, for validation images (None without buckets)."""
+    if not row_buckets:
+        return None
+    return max(sorted(set(row_buckets)), key=row_buckets.count)
 
 
 def caption_options(args):
@@ -471,7 +510,7 @@ def caption_options(args):
     return CaptionOptions(prefix=args.caption_prefix, dropout=args.caption_dropout, shuffle_tags=args.shuffle_tags, keep_tokens=args.keep_tokens)
 
 
-def cached_examples(args, accelerator, dataset, image_encoder, text_encoder, tokenizer, dtype):
+def cached_examples(args, accelerator, dataset, image_encoder, text_encoder, tokenizer, dtype, row_buckets=None):
     """Build (or reuse) the embedding cache and return the dataset that reads from it."""
     from embedding_cache import CachedExamples, build_cache, cache_key
     from wuerstchen_models import resolve_image_encoder_path
@@ -483,27 +522,28 @@ def cached_examples(args, accelerator, dataset, image_encoder, text_encoder, tok
         folder, dataset, args.image_column, args.caption_column, args,
         encode_image=lambda pixels: encode_images(image_encoder, pixels.to(device, dtype=dtype)),
         encode_text=lambda captions: encode_text(text_encoder, tokenizer, captions, device),
-        accelerator=accelerator, captions=caption_options(args),
+        accelerator=accelerator, captions=caption_options(args), row_buckets=row_buckets,
     )
     raw = dataset[args.caption_column] if args.shuffle_tags else None
     return CachedExamples(folder, args.resolution, args.random_flip, args.seed, caption_options(args), raw, args.repeats)
 
 
-def uncached_examples(args, dataset):
+def uncached_examples(args, dataset, row_buckets=None):
     from wuerstchen_data import CaptionedImages, ImageTransform
 
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
-    return CaptionedImages(dataset, args.image_column, args.caption_column, transform, args.seed, caption_options(args), args.repeats)
+    return CaptionedImages(dataset, args.image_column, args.caption_column, transform, args.seed, caption_options(args), args.repeats, row_buckets)
 
 
-def make_dataloader(args, examples):
-    return torch.utils.data.DataLoader(
-        examples,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        num_workers=args.dataloader_num_workers,
-        drop_last=False,
-    )
+def make_dataloader(args, examples, row_buckets=None):
+    """Shuffled batches; with aspect-ratio buckets, each batch from one bucket (returns the sampler too)."""
+    from wuerstchen_data import BucketBatchSampler
+
+    if row_buckets is None:
+        loader = torch.utils.data.DataLoader(examples, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers)
+        return loader, None
+    sampler = BucketBatchSampler(row_buckets, args.train_batch_size, args.seed, args.repeats)
+    return torch.utils.data.DataLoader(examples, batch_sampler=sampler, num_workers=args.dataloader_num_workers), sampler
 
 
 def embed_batch(batch, image_encoder, text_encoder, tokenizer, device, dtype):
@@ -563,7 +603,7 @@ def setup(args):
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-    dataset, held_out, run.data_report = load_data(args, accelerator)
+    dataset, held_out, row_buckets, run.data_report = load_data(args, accelerator)
 
     run.dtype = dtype = weight_dtype_for(accelerator)
     prior, run.text_encoder, run.tokenizer, run.scheduler, run.image_encoder = load_frozen_models(args, accelerator.device, dtype)
@@ -575,7 +615,7 @@ def setup(args):
             encode_text=lambda captions: encode_text(run.text_encoder, run.tokenizer, captions, accelerator.device),
         )
     if args.cache_embeddings:
-        examples = cached_examples(args, accelerator, dataset, run.image_encoder, run.text_encoder, run.tokenizer, dtype)
+        examples = cached_examples(args, accelerator, dataset, run.image_encoder, run.text_encoder, run.tokenizer, dtype, row_buckets)
         # The encoders are done: EfficientNet goes; CLIP waits on the CPU for validation prompts,
         # unless shuffled tags need it every step.
         run.image_encoder = None
@@ -584,7 +624,7 @@ def setup(args):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     else:
-        examples = uncached_examples(args, dataset)
+        examples = uncached_examples(args, dataset, row_buckets)
 
     torch.manual_seed(args.seed)  # the LoRA initialisation: same seed, same run
     run.lora_config, run.params, run.param_names = add_lora(prior, args)
@@ -592,7 +632,8 @@ def setup(args):
     accelerator.print(f"LoRA: {trainable:,} trainable of {total:,} prior parameters ({100 * trainable / total:.2f}%)")
     optimizer = make_optimizer(args, run.params, accelerator.device)
     run.examples = examples
-    run.prior, run.optimizer, run.dataloader = accelerator.prepare(prior, optimizer, make_dataloader(args, examples))
+    dataloader, run.bucket_sampler = make_dataloader(args, examples, row_buckets)
+    run.prior, run.optimizer, run.dataloader = accelerator.prepare(prior, optimizer, dataloader)
     run.steps_per_epoch = math.ceil(len(run.dataloader) / args.gradient_accumulation_steps)
     run.max_steps = args.max_train_steps or args.num_train_epochs * run.steps_per_epoch
 
@@ -612,7 +653,7 @@ def setup(args):
     run.info = training_info(args, accelerator, run.lora_config, 0, trainable, total)
     run.info["data"] = run.data_report
     register_lora_checkpoint_hooks(accelerator, run.unwrapped, run.lora_config, run.info)
-    run.validate = Validator(args, accelerator, run.text_encoder, run.tokenizer, run.scheduler, dtype) if args.validation_prompts else None
+    run.validate = Validator(args, accelerator, run.text_encoder, run.tokenizer, run.scheduler, dtype, common_bucket(row_buckets)) if args.validation_prompts else None
     from accelerate.utils import DistributedType
 
     if run.validate and accelerator.distributed_type == DistributedType.FSDP:
@@ -716,6 +757,8 @@ def train(args):
         for epoch in range(first_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
             run.dataloader.set_epoch(epoch)  # the data order...
             run.examples.set_epoch(epoch)  # ...and augmentation, captions and noise (accelerate skips this with several processes)
+            if run.bucket_sampler is not None:
+                run.bucket_sampler.set_epoch(epoch)  # a custom batch sampler under accelerate's shard: ours to set
             batches = accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader
             for batch_index, batch in enumerate(batches, start=skip):
                 loss = training_step(run, batch, epoch, batch_index)

@@ -19,11 +19,13 @@ HELD_OUT_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
 class Validator:
     """Renders the validation prompts with the LoRA attached; the decoder is loaded once, on first use."""
 
-    def __init__(self, args, accelerator, text_encoder, tokenizer, scheduler, dtype):
+    def __init__(self, args, accelerator, text_encoder, tokenizer, scheduler, dtype, bucket=None):
         self.args, self.accelerator = args, accelerator
         self.text_encoder, self.tokenizer, self.scheduler, self.dtype = text_encoder, tokenizer, scheduler, dtype
         self.decoder = None
-        self.size = output_size_for_training_resolution(args.resolution)
+        # The output size that matches the training size (about 4/3 of it): the square, or the most common bucket.
+        w, h = bucket or (args.resolution, args.resolution)
+        self.width, self.height = output_size_for_training_resolution(w), output_size_for_training_resolution(h)
 
     def __call__(self, prior, step):
         from diffusers import DDPMWuerstchenScheduler
@@ -41,7 +43,7 @@ class Validator:
         home = self.text_encoder.device  # the CPU once the embedding cache is built
         self.text_encoder.to(accelerator.device)
         with torch.autocast(accelerator.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            images = generate_images(pipeline, self.decoder, args.validation_prompts, height=self.size, width=self.size, generator=generator)
+            images = generate_images(pipeline, self.decoder, args.validation_prompts, height=self.height, width=self.width, generator=generator)
         self.text_encoder.to(home)
         prior.train(was_training)
         folder = os.path.join(args.output_dir, "validation")

@@ -8,6 +8,7 @@ folder of images each with a same-stem `.txt` caption (the kohya/OneTrainer conv
 import dataclasses
 import hashlib
 import io
+import math
 import os
 import random
 
@@ -170,42 +171,106 @@ def load_training_dataset(spec, image_column=None, caption_column=None, revision
 MIN_IMAGE_SIDE = 32  # one EfficientNet cell; anything smaller is upscaled into mush
 
 
-def image_problem(value):
-    """Why an undecoded image value ({"bytes", "path"} or a path) cannot be used, or None."""
+def inspect_image(value):
+    """(problem or None, (width, height) as displayed) for an undecoded image value ({"bytes", "path"} or a path)."""
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
     else:
         data, path = None, value
     try:
         if data is None and path and os.path.getsize(path) == 0:
-            return "empty file"
+            return "empty file", None
         with Image.open(io.BytesIO(data) if data is not None else path) as image:
             image.load()
             w, h = image.size
+            if image.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF rotation by 90 degrees
+                w, h = h, w
     except FileNotFoundError:
-        return "file not found"
+        return "file not found", None
     except (Image.UnidentifiedImageError, Image.DecompressionBombError):
-        return "not an image"
+        return "not an image", None
     except (OSError, ValueError, SyntaxError) as e:
-        return f"truncated or corrupt ({str(e).splitlines()[0][:80]})"
+        return f"truncated or corrupt ({str(e).splitlines()[0][:80]})", None
     if min(w, h) < MIN_IMAGE_SIDE:
-        return f"too small ({w}x{h}; the short side needs {MIN_IMAGE_SIDE} px)"
-    return None
+        return f"too small ({w}x{h}; the short side needs {MIN_IMAGE_SIDE} px)", (w, h)
+    return None, (w, h)
 
 
-def find_bad_images(dataset, image_column, indices):
-    """[(index, name, reason)] for the images among `indices` that cannot be decoded or used."""
+def inspect_images(dataset, image_column, indices):
+    """({index: (width, height)} of the usable images, [(index, name, reason)] of the others)."""
     import datasets
 
     raw = dataset.cast_column(image_column, datasets.Image(decode=False))
-    bad = []
+    sizes, bad = {}, []
     for i in indices:
         value = raw[i][image_column]
-        reason = image_problem(value)
+        reason, size = inspect_image(value)
         if reason:
             name = value.get("path") if isinstance(value, dict) else value
             bad.append((i, name or f"row {i}", reason))
-    return bad
+        else:
+            sizes[i] = size
+    return sizes, bad
+
+
+# ----------------------------------------------------------------------------------------------
+# Aspect-ratio buckets
+
+
+def make_buckets(resolution, max_aspect=4.0):
+    """(width, height) pairs with sides that are multiples of 32 and about resolution^2 pixels
+    (never more), aspect ratios up to `max_aspect`:1 either way."""
+    area = resolution * resolution
+    buckets = set()
+    for w in range(32, int(resolution * max_aspect) + 1, 32):
+        h = area // w // 32 * 32
+        if h >= 32 and max(w / h, h / w) <= max_aspect:
+            buckets.add((w, h))
+    return sorted(buckets)
+
+
+def assign_bucket(size, buckets):
+    """The bucket whose aspect ratio is nearest to the image's (in log space); the larger on a tie."""
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def upscale_needed(size, bucket):
+    """How much an image must be enlarged to cover its bucket."""
+    return max(bucket[0] / size[0], bucket[1] / size[1])
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches drawn from one bucket at a time, every batch full (a bucket's last batch is topped up
+    with other images of that bucket), in an order fixed by (seed, epoch)."""
+
+    def __init__(self, row_buckets, batch_size, seed, repeats=1):
+        self.row_buckets, self.batch_size, self.seed, self.repeats = row_buckets, batch_size, seed, repeats
+        self.drop_last = False  # read by accelerate when it shards the batches between processes
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _groups(self):
+        groups = {}
+        for i in range(len(self.row_buckets) * self.repeats):
+            groups.setdefault(self.row_buckets[i % len(self.row_buckets)], []).append(i)
+        return groups
+
+    def __len__(self):
+        return sum(math.ceil(len(g) / self.batch_size) for g in self._groups().values())
+
+    def __iter__(self):
+        rng = random.Random(f"{self.seed}:{self.epoch}")
+        batches = []
+        for _, indices in sorted(self._groups().items()):
+            rng.shuffle(indices)
+            short = -len(indices) % self.batch_size
+            indices += rng.choices(indices, k=short)
+            batches += [indices[j : j + self.batch_size] for j in range(0, len(indices), self.batch_size)]
+        rng.shuffle(batches)
+        return iter(batches)
 
 
 def caption_stats(dataset, caption_column, tokenizer=None):
@@ -287,23 +352,33 @@ class CaptionOptions:
         return self.dropout > 0 and rng.random() < self.dropout
 
 
+def resize_to_cover(image, size):
+    """Scale so that the image covers `size` (width, height) with the least enlargement."""
+    scale = upscale_needed(image.size, size)
+    target = (max(size[1], round(image.size[1] * scale)), max(size[0], round(image.size[0] * scale)))
+    return TF.resize(image, list(target), interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
 class ImageTransform:
-    """Resize the short side to `resolution`, crop a square (centre or random), maybe flip, normalise."""
+    """Resize, crop (centre or random) to a square of `resolution` or to a bucket's size, maybe flip, normalise."""
 
     def __init__(self, resolution, center_crop=False, random_flip=False):
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
 
-    def __call__(self, image, rng):
-        r = self.resolution
-        image = TF.resize(to_rgb(image), r, interpolation=InterpolationMode.BILINEAR, antialias=True)
+    def __call__(self, image, rng, size=None):
+        if size is None:
+            tw = th = self.resolution
+            image = TF.resize(to_rgb(image), self.resolution, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        else:
+            (tw, th), image = size, resize_to_cover(to_rgb(image), size)
         w, h = image.size
         if self.center_crop:
-            top, left = (h - r) // 2, (w - r) // 2
+            top, left = (h - th) // 2, (w - tw) // 2
         else:
-            top, left = rng.randint(0, h - r), rng.randint(0, w - r)
-        image = TF.crop(image, top, left, r, r)
+            top, left = rng.randint(0, h - th), rng.randint(0, w - tw)
+        image = TF.crop(image, top, left, th, tw)
         if self.random_flip and rng.random() < 0.5:
             image = TF.hflip(image)
         return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
@@ -313,7 +388,8 @@ class CaptionedImages(torch.utils.data.Dataset):
     """Rows of a datasets.Dataset as {"noise_seed", "pixel_values", "caption"}, each row `repeats`
     times per epoch; deterministic per (seed, epoch, index)."""
 
-    def __init__(self, dataset, image_column, caption_column, transform, seed, captions=CaptionOptions(), repeats=1):
+    def __init__(self, dataset, image_column, caption_column, transform, seed, captions=CaptionOptions(), repeats=1, row_buckets=None):
+        self.row_buckets = row_buckets  # (width, height) per row with aspect-ratio buckets, else None
         self.dataset = dataset
         self.image_column = image_column
         self.caption_column = caption_column
@@ -336,6 +412,6 @@ class CaptionedImages(torch.utils.data.Dataset):
         caption = self.captions.apply(pick_caption(row[self.caption_column], rng), rng)
         return {
             "noise_seed": noise_seed,
-            "pixel_values": self.transform(row[self.image_column], rng),
+            "pixel_values": self.transform(row[self.image_column], rng, self.row_buckets[index % len(self.dataset)] if self.row_buckets else None),
             "caption": "" if self.captions.drop(rng) else caption,
         }
