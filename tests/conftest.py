@@ -41,6 +41,18 @@ def run_script(args, launcher="python", check=True, timeout=600):
     return proc
 
 
+def prior_output(prior, seed=0):
+    """The prior's output (eval mode, no grad) on a fixed random input: compares two priors."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, prior.config.c_in, 4, 4, generator=g)
+    r = torch.rand(2, generator=g)
+    cond = torch.randn(2, 77, prior.config.c_cond, generator=g)
+    with torch.no_grad():
+        return prior.eval()(x, r, cond)
+
+
 def train_args(tiny, output_dir, dataset=None, steps=2, extra=()):
     return [TRAIN,
             "--pretrained_prior_model_name_or_path", tiny["prior"],

@@ -3,11 +3,15 @@
 import json
 
 import pytest
-import torch
 from conftest import run_script, train_args
 from PIL import Image
 
-from wuerstchen_data import BucketBatchSampler, assign_bucket, make_buckets, upscale_needed
+from wuerstchen_data import (
+    BucketBatchSampler,
+    assign_bucket,
+    make_buckets,
+    upscale_needed,
+)
 
 
 def test_buckets_are_on_the_32px_lattice_with_about_the_same_area():

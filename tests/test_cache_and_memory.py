@@ -8,7 +8,13 @@ import torch
 from conftest import make_image_dataset, run_script, train_args
 
 import train_wuerstchen_prior_lora as trainer
-from embedding_cache import MANIFEST, CachedExamples, build_cache, cache_key, image_for_cache
+from embedding_cache import (
+    MANIFEST,
+    CachedExamples,
+    build_cache,
+    cache_key,
+    image_for_cache,
+)
 from wuerstchen_data import ImageTransform, load_training_dataset
 from wuerstchen_models import load_image_encoder, load_prior_components
 

@@ -1,18 +1,11 @@
 """Exports: the PEFT-format adapter and a prior with the LoRA merged in."""
 
 import torch
+from conftest import prior_output
 from diffusers import WuerstchenPriorPipeline
 
 import infer
 from wuerstchen_models import PEFT_ADAPTER_DIR, WuerstchenPrior, load_prior_components
-
-
-def prior_output(prior):
-    g = torch.Generator().manual_seed(0)
-    x, r = torch.randn(2, 16, 4, 4, generator=g), torch.rand(2, generator=g)
-    c = torch.randn(2, 77, prior.config.c_cond, generator=g)
-    with torch.no_grad():
-        return prior.eval()(x, r, c)
 
 
 def with_diffusers_lora(tiny, trained):

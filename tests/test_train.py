@@ -4,13 +4,17 @@ import json
 
 import pytest
 import torch
-from conftest import run_script, train_args
+from conftest import prior_output, run_script, train_args
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_wuerstchen_prior_lora as trainer
 from training_outputs import EMA_WEIGHTS_NAME
-from wuerstchen_models import LORA_WEIGHTS_NAME, load_image_encoder, load_prior_components
+from wuerstchen_models import (
+    LORA_WEIGHTS_NAME,
+    load_image_encoder,
+    load_prior_components,
+)
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -78,16 +82,6 @@ def test_outputs_of_a_full_run(trained):
     assert info["output_size"] == 128 and info["trainable_parameters"] == 2 * 4 * (4 * 32 + 32 * 4)
 
 
-def prior_output(prior, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    c = prior.config
-    x = torch.randn(2, c.c_in, 4, 4, generator=g)
-    r = torch.rand(2, generator=g)
-    cond = torch.randn(2, 77, c.c_cond, generator=g)
-    with torch.no_grad():
-        return prior.eval()(x, r, cond)
-
-
 def test_saved_file_loads_in_plain_diffusers_with_alpha(trained, tiny):
     """The file loads through diffusers' own load_lora_weights and gives the output of W + alpha/r * B A."""
     from diffusers import WuerstchenPriorPipeline
@@ -150,7 +144,6 @@ def fixed_loss(prior, scheduler, image_embeddings, text_embeddings):
 def test_training_lowers_loss_on_fixed_noise(trained, tiny):
     """The trained LoRA gives a clearly lower loss than the base prior on the training images."""
     from diffusers import WuerstchenPriorPipeline
-
     from torch.utils.data import default_collate
 
     from wuerstchen_data import CaptionedImages, ImageTransform, load_training_dataset

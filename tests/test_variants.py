@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_script, train_args
+from conftest import prior_output, run_script, train_args
 from diffusers import WuerstchenPriorPipeline
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -17,14 +17,6 @@ from wuerstchen_models import LORA_WEIGHTS_NAME, load_prior_components, save_lor
 def variant_args(tiny, *flags):
     return trainer.parse_args(["--dataset", tiny["dataset"], "--pretrained_prior_model_name_or_path", tiny["prior"],
                                "--image_encoder", tiny["image_encoder"], "--rank", "4", *flags])
-
-
-def prior_output(prior):
-    g = torch.Generator().manual_seed(0)
-    x, r = torch.randn(2, 16, 4, 4, generator=g), torch.rand(2, generator=g)
-    c = torch.randn(2, 77, prior.config.c_cond, generator=g)
-    with torch.no_grad():
-        return prior.eval()(x, r, c)
 
 
 @pytest.mark.parametrize("flags, n_modules", [
