@@ -115,6 +115,8 @@ def load_prior_pipeline(args, lora_path):
     load_lora_checked(prior_pipeline, lora_path, adapter_name="lora")
     if args.fuse_lora:
         prior_pipeline.fuse_lora(components=["prior"], lora_scale=args.lora_scale)
+        # Drop the adapter wrappers too (the merged weights stay): a plain prior, no added latency.
+        prior_pipeline.unload_lora_weights()
     elif args.lora_scale != 1.0:
         prior_pipeline.set_adapters(["lora"], adapter_weights=[args.lora_scale])
     prior_pipeline.set_progress_bar_config(disable=True)
@@ -132,7 +134,6 @@ def save_merged_prior(args, lora_path):
     """Merge the LoRA into the prior's weights, drop the adapter layers and save a plain prior."""
     args.fuse_lora = True
     prior_pipeline = load_prior_pipeline(args, lora_path)
-    prior_pipeline.unload_lora_weights()  # after fusing, this keeps the merged weights
     prior_pipeline.prior.save_pretrained(args.save_merged_prior)
     print(args.save_merged_prior)
     return [args.save_merged_prior]

@@ -664,10 +664,12 @@ def setup(args):
 
 
 def training_step(run, batch, epoch, batch_index):
-    """One micro-batch: forward, backward, and at the end of an accumulation window the update.
+    """One micro-batch: forward and backward; at the end of an accumulation window, the update.
 
-    Returns the loss, or None when it was not finite (then no gradient is kept from the window).
-    All processes agree on finiteness, so they skip together and DDP's collectives stay matched.
+    Returns None inside a window; at its end, (the window's mean loss over every process, whether
+    all of it was finite). A non-finite loss still goes through backward (its NaN reaches every
+    process's gradients through DDP), and the whole window's update is skipped everywhere alike.
+    The gathered losses are the one point per update where the host waits for the device.
     """
     args, accelerator = run.args, run.accelerator
     torch.manual_seed(step_seed(args.seed, epoch, batch_index, accelerator.process_index))
@@ -675,28 +677,29 @@ def training_step(run, batch, epoch, batch_index):
         image_embeddings, text_embeddings = embed_batch(batch, run.image_encoder, run.text_encoder, run.tokenizer, accelerator.device, run.dtype)
         noise, timesteps = sample_noise(batch["noise_seed"], image_embeddings.shape[1:], accelerator.device, args.noise_offset)
         loss = compute_loss(run.prior, run.scheduler, image_embeddings, text_embeddings, noise, timesteps, args.loss_weighting, args.snr_gamma)
-        finite = bool(accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum").item() == accelerator.num_processes)
-        run.window_finite = run.window_finite and finite
+        accelerator.backward(loss)
+        run.window_losses.append(loss.detach())
+        if not accelerator.sync_gradients:
+            return None
+        losses = accelerator.gather(torch.stack(run.window_losses)).float().tolist()
+        run.window_losses = []
+        finite = all(math.isfinite(v) for v in losses)
         if finite:
-            accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            if run.window_finite:
-                if args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
-                run.optimizer.step()
-                if run.ema is not None:
-                    run.ema.step(run.params)
-            run.lr_scheduler.step()  # in step with global_step even when the update is skipped
-            run.optimizer.zero_grad(set_to_none=True)
-    return loss if finite else None
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
+            run.optimizer.step()
+            if run.ema is not None:
+                run.ema.step(run.params)
+        run.lr_scheduler.step()  # in step with global_step even when the update is skipped
+        run.optimizer.zero_grad(set_to_none=True)
+    return sum(losses) / len(losses), finite
 
 
-def after_update(run, loss, global_step):
+def after_update(run, loss, finite, global_step):
     """Logging, the non-finite guard, checkpoints, signals and validation after an optimiser step."""
     args, accelerator = run.args, run.accelerator
-    window_finite, run.window_finite = run.window_finite, True
-    run.nonfinite_in_a_row = 0 if window_finite else run.nonfinite_in_a_row + 1
-    run.nonfinite_total += not window_finite
+    run.nonfinite_in_a_row = 0 if finite else run.nonfinite_in_a_row + 1
+    run.nonfinite_total += not finite
     if run.nonfinite_in_a_row >= args.max_nonfinite_steps:
         last = list_checkpoints(args.output_dir)
         raise NonFiniteLoss(
@@ -704,13 +707,14 @@ def after_update(run, loss, global_step):
             f"Last good checkpoint: {last[-1][1] if last else 'none'}. Try --mixed_precision bf16 or a lower --learning_rate"
         )
     logs = {"train/lr": run.lr_scheduler.get_last_lr()[0], "train/skipped_steps": run.nonfinite_total}
-    if loss is not None:
-        logs["train/loss"] = accelerator.gather(loss.detach()).mean().item()
-    run.progress.update(1)
-    run.progress.set_postfix(loss=f"{logs.get('train/loss', float('nan')):.4f}", lr=f"{logs['train/lr']:.2e}")
+    if finite:
+        logs["train/loss"] = loss
+    run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['train/lr']:.2e}", refresh=False)
+    run.progress.update(1)  # redraws at most every 0.1 s
     accelerator.log(logs, step=global_step)
     run.info["global_step"] = global_step
-    stop = accelerator.check_trigger()
+    # Several processes agree on stopping through an all-reduce; one process just reads its flag.
+    stop = accelerator.check_trigger() if accelerator.num_processes > 1 else bool(run.stop_signals)
     if stop or (args.checkpointing_steps and global_step % args.checkpointing_steps == 0):
         path = save_checkpoint(accelerator, args, global_step)
         if stop:
@@ -749,7 +753,7 @@ def train(args):
 
     run.progress = tqdm(total=run.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     run.nonfinite_in_a_row = run.nonfinite_total = 0
-    run.window_finite = True
+    run.window_losses = []
     # Resume point: whole epochs done, then the batches of the current epoch already consumed.
     first_epoch, skip = divmod(global_step, run.steps_per_epoch)
     skip *= args.gradient_accumulation_steps
@@ -761,10 +765,10 @@ def train(args):
                 run.bucket_sampler.set_epoch(epoch)  # a custom batch sampler under accelerate's shard: ours to set
             batches = accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader
             for batch_index, batch in enumerate(batches, start=skip):
-                loss = training_step(run, batch, epoch, batch_index)
-                if accelerator.sync_gradients:
+                update = training_step(run, batch, epoch, batch_index)
+                if update is not None:
                     global_step += 1
-                    after_update(run, loss, global_step)
+                    after_update(run, *update, global_step)
                     if global_step >= run.max_steps:
                         break
             skip = 0

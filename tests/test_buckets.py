@@ -62,7 +62,7 @@ def test_script_trains_on_buckets_and_validates_at_a_matching_size(tiny, tmp_pat
     out = tmp_path / "out"
     run_script(train_args(tiny, out, dataset=data, steps=4, extra=[
         cache, "--aspect_ratio_buckets", "--resolution", "128", "--random_flip",
-        "--validation_prompts", "a picture", "--validation_steps", "4"]))
+        "--validation_prompts", "a picture", "--validation_steps", "4"]), launcher="inprocess")
     info = json.loads((out / "training_info.json").read_text())
     assert info["data"]["buckets"] == {"160x96": 4, "96x160": 3, "128x128": 2}
     assert info["data"]["too_small_for_bucket"] == 1

@@ -123,11 +123,11 @@ def test_half_written_cache_is_rebuilt(tiny, encoders, tmp_path):
 def test_script_reuses_cache_and_rebuilds_on_change(tiny, tmp_path):
     shared = tmp_path / "cache"
     extra = ["--embeddings_cache_dir", shared, "--center_crop"]
-    first = run_script(train_args(tiny, tmp_path / "a", extra=extra))
+    first = run_script(train_args(tiny, tmp_path / "a", extra=extra), launcher="inprocess")
     assert "reusing" not in first.stdout
-    second = run_script(train_args(tiny, tmp_path / "b", extra=extra))
+    second = run_script(train_args(tiny, tmp_path / "b", extra=extra), launcher="inprocess")
     assert "reusing embedding cache" in second.stdout
-    run_script(train_args(tiny, tmp_path / "c", extra=extra + ["--random_flip"]))
+    run_script(train_args(tiny, tmp_path / "c", extra=extra + ["--random_flip"]), launcher="inprocess")
     assert len([p for p in shared.iterdir() if (p / MANIFEST).is_file()]) == 2
 
 
@@ -136,8 +136,8 @@ def test_cached_and_uncached_training_agree(tiny, tmp_path):
     from safetensors.torch import load_file
 
     extra = ["--center_crop", "--learning_rate", "1e-3", "--max_train_steps", "3"]
-    run_script(train_args(tiny, tmp_path / "cached", extra=extra))
-    run_script(train_args(tiny, tmp_path / "uncached", extra=extra + ["--no_cache_embeddings"]))
+    run_script(train_args(tiny, tmp_path / "cached", extra=extra), launcher="inprocess")
+    run_script(train_args(tiny, tmp_path / "uncached", extra=extra + ["--no_cache_embeddings"]), launcher="inprocess")
     a = load_file(tmp_path / "cached" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "uncached" / "pytorch_lora_weights.safetensors")
     for k in a:

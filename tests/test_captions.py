@@ -81,5 +81,5 @@ def test_cached_dropout_shuffle_and_repeats(tiny, tmp_path):
 def test_script_with_every_caption_option(tiny, dataset_factory, tmp_path):
     out = tmp_path / "out"
     proc = run_script(train_args(tiny, out, steps=3, extra=["--shuffle_tags", "--keep_tokens", "1", "--caption_prefix", "sks, ",
-                                                            "--caption_dropout", "0.3", "--repeats", "2"]))
+                                                            "--caption_dropout", "0.3", "--repeats", "2"]), launcher="inprocess")
     assert "16 samples" in proc.stdout

@@ -137,7 +137,7 @@ def test_too_many_broken_images_stop_before_training(tiny, tmp_path):
 
 def test_broken_images_are_skipped_and_reported(tiny, tmp_path):
     data = broken_dataset(tmp_path / "data", n_good=8)
-    proc = run_script(train_args(tiny, tmp_path / "out", dataset=data, extra=["--max_bad_images", "0.4"]))
+    proc = run_script(train_args(tiny, tmp_path / "out", dataset=data, extra=["--max_bad_images", "0.4"]), launcher="inprocess")
     out = proc.stdout + proc.stderr
     for reason in ("zero.jpg: empty file", "text.jpg: not an image", "truncated.png: truncated or corrupt", "tiny.png: too small"):
         assert reason in out, out[-3000:]
@@ -154,7 +154,7 @@ def test_nothing_usable(tiny, tmp_path):
     for i in range(3):
         (folder / f"{i}.jpg").write_text("not an image")
         (folder / f"{i}.txt").write_text("caption")
-    proc = run_script(train_args(tiny, tmp_path / "out", dataset=folder), check=False)
+    proc = run_script(train_args(tiny, tmp_path / "out", dataset=folder), check=False, launcher="inprocess")
     assert_clean_error(proc, "none of the 3 images could be read")
 
 
@@ -167,7 +167,7 @@ STOP_ARGS = ["--max_train_steps", "12", "--learning_rate", "1e-3", "--random_fli
 @pytest.fixture(scope="module")
 def uninterrupted(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted") / "out"
-    run_script(train_args(tiny, out, extra=STOP_ARGS + ["--checkpointing_steps", "0"]))
+    run_script(train_args(tiny, out, extra=STOP_ARGS + ["--checkpointing_steps", "0"]), launcher="inprocess")
     return load_file(out / LORA_WEIGHTS_NAME)
 
 
@@ -201,7 +201,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_same(tiny, tmp_path,
     saved = trainer.list_checkpoints(str(out))
     assert len(saved) == 1 and 1 <= saved[0][0] < 12
     assert not (out / LORA_WEIGHTS_NAME).exists()  # no final file from a run that did not finish
-    run_script(train_args(tiny, out, extra=STOP_ARGS + ["--checkpointing_steps", "0", "--resume_from_checkpoint", "latest"]))
+    run_script(train_args(tiny, out, extra=STOP_ARGS + ["--checkpointing_steps", "0", "--resume_from_checkpoint", "latest"]), launcher="inprocess")
     assert_same_weights(out, uninterrupted)
 
 
@@ -217,7 +217,7 @@ def test_sigkill_then_resume_latest_finishes_the_same(tiny, tmp_path, uninterrup
     proc.kill()
     proc.communicate()
     assert trainer.list_checkpoints(str(out)), "no complete checkpoint to resume from"
-    run_script(train_args(tiny, out, extra=STOP_ARGS + ["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]))
+    run_script(train_args(tiny, out, extra=STOP_ARGS + ["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]), launcher="inprocess")
     assert_same_weights(out, uninterrupted)
 
 

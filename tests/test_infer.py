@@ -97,8 +97,10 @@ def test_checkpoint_folder_and_bare_file(trained, tmp_path):
 def test_lora_for_another_model_fails_clearly(tiny, tmp_path, keys, message):
     bad = tmp_path / "pytorch_lora_weights.safetensors"
     save_file({k: torch.zeros(4, 32) if "lora_A" in k else torch.zeros(32, 4) for k in keys}, str(bad))
+    # the first case as a real command (no traceback), the others through main() in this process
+    launcher = "python" if "unet." in keys[0] else "inprocess"
     proc = run_script([INFER, "--checkpoint", bad, "--prompt", PROMPT, "--prior_model", tiny["prior"],
-                       "--decoder_model", tiny["decoder"], "--output", tmp_path / "x.png"], check=False)
+                       "--decoder_model", tiny["decoder"], "--output", tmp_path / "x.png"], check=False, launcher=launcher)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.png").exists()

@@ -62,7 +62,7 @@ def test_any_image_mode_and_list_captions(tiny, tmp_path):
     data = tmp_path / "lists.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in records))
     out = tmp_path / "out"
-    run_script(train_args(tiny, out, dataset=str(data), steps=4, extra=["--train_batch_size", "2"]), launcher="accelerate")
+    run_script(train_args(tiny, out, dataset=str(data), steps=4, extra=["--train_batch_size", "2"]), launcher="inprocess")
     check_lora_file(out / LORA_WEIGHTS_NAME, rank=8)
 
 
@@ -169,13 +169,13 @@ def test_resume_continues_exactly(tiny, tmp_path):
              "--random_flip", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--learning_rate", "1e-3",
              "--use_ema", "--ema_decay", "0.9"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run_script(train_args(tiny, full, steps=7, extra=extra), launcher="accelerate")
+    run_script(train_args(tiny, full, steps=7, extra=extra), launcher="inprocess")
     # the interrupted run: everything up to checkpoint-3, as a killed run would have left it
     resumed.mkdir()
     import shutil
 
     shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
-    proc = run_script(train_args(tiny, resumed, steps=7, extra=extra + ["--resume_from_checkpoint", "latest"]), launcher="accelerate")
+    proc = run_script(train_args(tiny, resumed, steps=7, extra=extra + ["--resume_from_checkpoint", "latest"]), launcher="inprocess")
     assert "resumed from" in proc.stdout + proc.stderr
     a, b = load_file(full / LORA_WEIGHTS_NAME), load_file(resumed / LORA_WEIGHTS_NAME)
     at_checkpoint = load_file(full / "checkpoint-3" / LORA_WEIGHTS_NAME)

@@ -45,7 +45,7 @@ def test_validation_loss_is_logged(tiny, dataset_factory, tmp_path, how):
     else:
         extra = ["--validation_dataset", dataset_factory("jsonl", n=3)]  # other column names than the training set
     out = tmp_path / "out"
-    run_script(train_args(tiny, out, steps=4, extra=extra + ["--validation_steps", "2"]))
+    run_script(train_args(tiny, out, steps=4, extra=extra + ["--validation_steps", "2"]), launcher="inprocess")
     info = json.loads((out / "training_info.json").read_text())
     assert sorted(info["validation_loss"]) == ["2", "4"]
     assert all(v > 0 for v in info["validation_loss"].values())

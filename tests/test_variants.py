@@ -101,7 +101,7 @@ def test_optimizers_take_a_step(tiny, optimizer):
 
 def test_ema_file_is_written_loadable_and_smoother(tiny, tmp_path):
     out = tmp_path / "out"
-    run_script(train_args(tiny, out, steps=6, extra=["--use_ema", "--ema_decay", "0.9", "--learning_rate", "1e-2"]))
+    run_script(train_args(tiny, out, steps=6, extra=["--use_ema", "--ema_decay", "0.9", "--learning_rate", "1e-2"]), launcher="inprocess")
     raw, ema = load_file(out / LORA_WEIGHTS_NAME), load_file(out / EMA_WEIGHTS_NAME)
     assert raw.keys() == ema.keys()
     b_keys = [k for k in raw if "lora_B" in k]

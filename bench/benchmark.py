@@ -1,0 +1,1295 @@
+#!/usr/bin/env python
+"""Speed and memory figures for LoRA training of the Wuerstchen v2 prior (Stage C).
+
+Run by hand (never by the tests); everything is offline and built from random weights.
+
+CPU (default): a scaled prior (c 384, c_cond 64, c_r 64, depth 4, nhead 6), 256 px, batch 4, rank 4:
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/benchmark.py
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/benchmark.py --threads 2 --loop_repeats 2   # an idle machine
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/benchmark.py --only loop,floor      # a subset of the sections
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/benchmark.py --workdir /tmp/wbench  # keep and reuse the built models
+
+It prints
+  * the training loop's steady-state seconds per step, cached and uncached, measured on the REAL
+    script (train_wuerstchen_prior_lora.py in a subprocess): (wall(N2 steps) - wall(N1 steps)) / (N2 - N1),
+    so start-up, model loading and cache building cancel out;
+    plus an in-run figure read from the progress bar's per-step timestamps;
+  * the bare floor: prior forward + backward + AdamW on one fixed batch, in-process, nothing else,
+    timed in blocks between the trainer runs;
+  * loop / floor (judged on median one-epoch windows of both, which start-up noise cannot reach)
+    and uncached / cached;
+  * where a cached step of the real trainer goes (its main() run with timers): forward, backward,
+    optimiser, and the loop's own overhead;
+  * peak memory of LoRA training versus full fine-tuning (each in a fresh subprocess, peak RSS);
+  * trainable-parameter counts for the scaled and the real prior (real one built on the meta device);
+  * prior forward latency: base, unmerged LoRA, fused LoRA.
+
+GPU: the real prior config (c 1536, c_cond 1280, depth 32, nhead 24), random weights built on the GPU,
+bf16, 24x24 grid (768 px), batch 8: images/s, peak GPU memory, MFU against --peak_tflops:
+
+    .venv/bin/python bench/benchmark.py --device cuda
+    .venv/bin/python bench/benchmark.py --device cuda --gradient_checkpointing --peak_tflops 989
+
+Check the GPU code path on the CPU (tiny prior, bf16 autocast, FLOP counter cross-check) before renting a GPU:
+
+    .venv/bin/python bench/benchmark.py --smoke_device_path
+"""
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+
+TRAIN = ROOT / "train_wuerstchen_prior_lora.py"
+PROGRESS_RE = re.compile(rb"steps:\s*\d+%.*?\|\s*(\d+)/(\d+)\s*\[")
+
+# Real prior (warp-ai/wuerstchen-prior, subfolder prior).
+REAL_PRIOR = {"c_in": 16, "c": 1536, "c_cond": 1280, "c_r": 64, "depth": 32, "nhead": 24, "dropout": 0.1}
+# The scaled prior of the CPU figures (the issue's configuration).
+SCALED_PRIOR = {"c_in": 16, "c": 384, "c_cond": 64, "c_r": 64, "depth": 4, "nhead": 6, "dropout": 0.1}
+# Real text encoder: CLIP ViT-bigG text tower, hidden 1280, 32 layers, 20 heads, MLP 5120, 77 tokens.
+# Scaled: hidden must equal the prior's c_cond (64); depth / 8 like the prior (32 -> 4), head width 16,
+# MLP 4 x hidden as in CLIP. About 0.26 M parameters in the layers against 695 M.
+SCALED_TEXT = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 256}
+REAL_TEXT = {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 20, "intermediate_size": 5120}
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TOKENS = 77
+
+CPU_RES, CPU_BATCH, CPU_RANK = 256, 4, 4
+GPU_GRID, GPU_BATCH = 24, 8
+
+TARGETS = {"loop_over_floor": 1.10, "cached_speedup": 3.0, "memory_fraction": 1 / 3, "fused_latency": 1.02}
+
+
+# ----------------------------------------------------------------------------------------------
+# Small utilities
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+class ForeignLoad:
+    """CPU time other processes used while a block ran, in cores (from /proc/stat minus our own usage).
+
+    A timing with foreign load near a core on a 2-core machine is not trustworthy: the figures say so.
+    """
+
+    def __enter__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        busy = self._busy() - self.busy0
+        own = self._own() - self.own0
+        self.cores = max(0.0, (busy - own) / wall) if wall > 0 else 0.0
+        return False
+
+    @staticmethod
+    def _busy():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except OSError:
+            return 0.0
+        # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait
+        return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own():
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def prior_class():
+    from wuerstchen_models import WuerstchenPrior
+
+    return WuerstchenPrior
+
+
+@torch.no_grad()
+def tame_init(prior):
+    """Like tools/make_tiny_models.make_prior_repo: no all-zero parameters (zero-initialised mappers
+    and GRN gamma/beta) and a small output layer, so that the random prior behaves like a trained one
+    (finite loss, non-zero gradients). Costs nothing in speed: every layer stays dense."""
+    for p in prior.parameters():
+        if p.numel() and not torch.any(p):
+            p.normal_(0.0, 0.02)
+    prior.out[1].weight.normal_(0.0, 0.02)
+    prior.out[1].bias.zero_()
+
+
+def build_prior(cfg, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    with torch.device(device):
+        prior = prior_class()(**cfg)
+    if device != "meta":
+        tame_init(prior)
+    return prior
+
+
+def lora_args(rank, gradient_checkpointing=False):
+    """The namespace the trainer's add_lora reads: the trainer's own parser with its defaults (so that
+    options it gains later get their default values), rank r, alpha r, the attention targets."""
+    import train_wuerstchen_prior_lora as T
+
+    argv = ["--dataset", "unused", "--rank", str(rank), "--lora_alpha", str(rank), "--lora_target_modules", ",".join(LORA_TARGETS)]
+    if gradient_checkpointing:
+        argv.append("--gradient_checkpointing")
+    try:
+        return T.parse_args(argv)
+    except SystemExit:  # a parser that no longer knows one of these flags
+        return SimpleNamespace(rank=rank, lora_alpha=float(rank), lora_dropout=0.0, lora_target_modules=list(LORA_TARGETS), gradient_checkpointing=gradient_checkpointing)
+
+
+def setup_training(prior, kind, rank, gradient_checkpointing=False):
+    """kind "lora": the trainer's own add_lora (frozen prior, fp32 LoRA). kind "full": every prior
+    parameter trainable. Returns the trainable parameters; the prior is left in train() mode."""
+    import train_wuerstchen_prior_lora as T
+
+    if kind == "lora":
+        prior.requires_grad_(False)
+        out = T.add_lora(prior, lora_args(rank, gradient_checkpointing))  # (config, params[, names])
+        return list(out[1])
+    prior.requires_grad_(True)
+    if gradient_checkpointing:
+        prior.enable_gradient_checkpointing()
+    prior.train()
+    return list(prior.parameters())
+
+
+def make_optimizer(params, device="cpu"):
+    # The trainer's defaults: lr 1e-4, betas (0.9, 0.999), weight decay 1e-2, eps 1e-8; fused on CUDA as in the trainer.
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=torch.device(device).type == "cuda")
+
+
+def fixed_batch(batch, grid, c_cond, device="cpu", text_dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(batch, 16, grid, grid, generator=g).to(device)
+    text = torch.randn(batch, TOKENS, c_cond, generator=g).to(device, text_dtype)
+    return emb, text
+
+
+def count_params(cfg, rank=None):
+    """(trainable, total) on the meta device: nothing is allocated, even for the real 1 B prior."""
+    prior = build_prior(cfg, device="meta")
+    if rank is None:
+        n = sum(p.numel() for p in prior.parameters())
+        return n, n
+    from peft import LoraConfig
+
+    prior.requires_grad_(False)
+    prior.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)))
+    trainable = sum(p.numel() for p in prior.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in prior.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP counting
+
+
+def flop_counter():
+    """torch.utils.flop_counter.FlopCounterMode, taught the CPU SDPA kernels.
+
+    FlopCounterMode counts the CUDA SDPA kernels (flash, efficient, cudnn) but not the CPU one
+    (aten._scaled_dot_product_flash_attention_for_cpu), which it would silently skip: register
+    the library's own SDPA formulas for it. `check_flop_counter` verifies the total against hooks.
+    """
+    from torch.utils.flop_counter import (
+        FlopCounterMode,
+        sdpa_backward_flop_count,
+        sdpa_flop_count,
+    )
+
+    aten = torch.ops.aten
+    custom = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+
+        def fwd(q, k, v, *args, out_shape=None, **kwargs):
+            return sdpa_flop_count(q, k, v)
+
+        def bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+            return sdpa_backward_flop_count(grad_out, q, k, v)
+
+        custom[aten._scaled_dot_product_flash_attention_for_cpu] = fwd
+        custom[aten._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
+    return FlopCounterMode(display=False, custom_mapping=custom)
+
+
+@torch.no_grad()
+def analytic_forward_flops(model, *inputs, **kwargs):
+    """Forward matmul/conv FLOPs of one call, from the shapes each layer sees (forward hooks).
+
+    Linear: 2 * in_features * out_features per input row; Conv2d: 2 * (C_in / groups) * kh * kw
+    per output element; attention (diffusers Attention): QK^T and AV, 2 * Lq * Lk * (heads * head_dim)
+    each, per sample, Lk = image tokens + 77 text tokens in the prior's self+cross attention.
+    Elementwise ops, norms and softmax are left out (as FlopCounterMode does). A training step costs
+    about 3 x this with every weight trainable (backward = input grads + weight grads, each about a
+    forward) and about 2 x this plus the LoRA layers when the base weights are frozen.
+    """
+    from diffusers.models.attention_processor import Attention
+    from torch import nn
+
+    total = [0]
+
+    def linear(m, inp, out):
+        total[0] += 2 * m.in_features * m.out_features * (inp[0].numel() // m.in_features)
+
+    def conv(m, inp, out):
+        kh, kw = m.kernel_size
+        total[0] += 2 * (m.in_channels // m.groups) * kh * kw * out.numel()
+
+    def attention(m, args, kw, out):
+        hidden = args[0] if args else kw["hidden_states"]
+        context = kw.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        batch = hidden.shape[0]
+        lq = hidden.shape[2] * hidden.shape[3] if hidden.ndim == 4 else hidden.shape[1]
+        lk = context.shape[1] if context is not None else lq
+        total[0] += 2 * 2 * batch * lq * lk * m.inner_dim
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear))
+        elif isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv))
+        elif isinstance(m, Attention):
+            handles.append(m.register_forward_hook(attention, with_kwargs=True))
+    try:
+        model(*inputs, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def counted_flops(fn):
+    counter = flop_counter()
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and data for the trainer runs
+
+
+def make_text_encoder(path, tokenizer, cfg, seed):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        projection_dim=cfg["hidden_size"],
+        max_position_embeddings=TOKENS,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **cfg,
+    )
+    torch.manual_seed(seed)
+    model = CLIPTextModel(config).eval()
+    model.save_pretrained(str(path))
+    return model
+
+
+def make_scaled_prior_repo(path, seed=0):
+    """A repo laid out like warp-ai/wuerstchen-prior (and like tools/make_tiny_models.make_prior_repo),
+    with the scaled prior and a scaled CLIP text encoder (hidden = c_cond)."""
+    import diffusers
+    from diffusers import DDPMWuerstchenScheduler
+
+    from tools.make_tiny_models import build_tokenizer
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    build_prior(SCALED_PRIOR, seed=seed).save_pretrained(str(root / "prior"))
+    tokenizer = build_tokenizer(root / "tokenizer")
+    make_text_encoder(root / "text_encoder", tokenizer, SCALED_TEXT, seed + 1)
+    DDPMWuerstchenScheduler().save_pretrained(str(root / "scheduler"))
+    index = {
+        "_class_name": "WuerstchenPriorPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "latent_mean": 42.0,
+        "latent_std": 1.0,
+        "resolution_multiple": 42.67,
+        "prior": ["wuerstchen", "WuerstchenPrior"],
+        "scheduler": ["diffusers", "DDPMWuerstchenScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return str(root)
+
+
+def build_workdir(workdir, n_images, seed=0):
+    """Scaled prior repo, real-size EfficientNetV2-S encoder and a captioned image dataset; reused if complete."""
+    from tools.make_tiny_models import make_image_dataset, make_image_encoder
+
+    workdir = Path(workdir)
+    stamp = workdir / "bench_models.json"
+    want = {"prior": SCALED_PRIOR, "text": SCALED_TEXT, "n_images": n_images, "seed": seed, "resolution": CPU_RES}
+    if stamp.is_file():
+        saved = json.loads(stamp.read_text())
+        if saved.get("want") == json.loads(json.dumps(want)):
+            return saved["paths"]
+    t0 = time.perf_counter()
+    paths = {
+        "prior": make_scaled_prior_repo(workdir / "prior_repo", seed=seed),
+        "image_encoder": make_image_encoder(workdir / "effnet.safetensors", seed=seed),
+        # 320x256 pictures: the short side is already the training size, the centre crop takes 256x256.
+        "dataset": make_image_dataset(workdir / "data", "imagefolder_jsonl", n=n_images, size=(320, CPU_RES), seed=seed),
+    }
+    stamp.write_text(json.dumps({"want": want, "paths": paths}, indent=2))
+    log(f"built models and {n_images} images in {time.perf_counter() - t0:.0f} s under {workdir}")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The training loop, measured on the real script
+
+
+def steps_per_epoch(args):
+    return -(-args.n_images // CPU_BATCH)
+
+
+def trainer_flags():
+    env = script_env(1)
+    out = subprocess.run([sys.executable, str(TRAIN), "--help"], check=False, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=300)
+    text = out.stdout
+    return {"cache": "--cache_embeddings" in text and "--no_cache_embeddings" in text, "cache_dir": "--embeddings_cache_dir" in text}
+
+
+def script_env(threads):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    env["HF_HUB_OFFLINE"] = env["HF_DATASETS_OFFLINE"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def trainer_argv(paths, steps, mode, flags, run_dir):
+    argv = [
+        "--pretrained_prior_model_name_or_path", paths["prior"],
+        "--image_encoder", paths["image_encoder"],
+        "--dataset", paths["dataset"],
+        "--output_dir", str(run_dir / "out"),
+        "--cache_dir", str(run_dir / "hf_cache"),
+        "--resolution", str(CPU_RES), "--train_batch_size", str(CPU_BATCH), "--rank", str(CPU_RANK),
+        "--center_crop", "--report_to", "none", "--checkpointing_steps", "0", "--max_train_steps", str(steps),
+    ]  # fmt: skip
+    if flags["cache"]:
+        argv.append("--cache_embeddings" if mode == "cached" else "--no_cache_embeddings")
+        if mode == "cached" and flags["cache_dir"]:
+            argv += ["--embeddings_cache_dir", str(run_dir / "emb_cache")]
+    return argv
+
+
+def run_trainer(paths, steps, mode, flags, scratch, threads, tag):
+    """One trainer run; returns its wall-clock seconds. Every run gets fresh output, datasets-cache and
+    embeddings-cache folders, so both runs of a pair pay the same start-up and cache building."""
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=scratch))
+    cmd = [sys.executable, str(TRAIN)] + trainer_argv(paths, steps, mode, flags, run_dir)
+    # The progress bar (tqdm, on stderr) redraws after every optimiser step: reading it as it comes
+    # gives the time at which each step finished, a start-up-free cross-check of the wall-clock method.
+    stdout_path = run_dir / "stdout.txt"
+    seen, chunks = {}, []
+    t0 = time.perf_counter()
+    with open(stdout_path, "wb") as stdout:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, env=script_env(threads), cwd=str(ROOT))
+        pending = b""
+        while True:
+            data = os.read(proc.stderr.fileno(), 65536)
+            now = time.perf_counter()
+            if not data:
+                break
+            chunks.append(data)
+            pending += data
+            *segments, pending = re.split(rb"[\r\n]", pending)
+            for seg in segments:
+                m = PROGRESS_RE.search(seg)
+                if m and int(m.group(1)) not in seen:
+                    seen[int(m.group(1))] = now - t0
+        proc.wait(timeout=3600)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        err = b"".join(chunks).decode(errors="replace")
+        raise RuntimeError(f"trainer failed ({proc.returncode}): {shlex.join(cmd)}\n{stdout_path.read_text()[-2000:]}\n{err[-4000:]}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return wall, seen
+
+
+def measure_loop(paths, args, flags, scratch, between=None):
+    """Steady-state s/step per mode = (min wall(N2) - min wall(N1)) / (N2 - N1) over --loop_repeats.
+
+    Also, from the long runs' progress bar (the time each step finished): the mean s/step from step
+    N1 to N2 of each run, and every window of one epoch's steps in there, which is compared with the
+    floor's windows of as many steps. `between` (the floor's timing block) runs after every trainer
+    run, so that loop and floor are measured in the same stretch of time.
+    """
+    modes = ["uncached", "cached"] if flags["cache"] else ["uncached"]
+    n1 = args.n1
+    n2s = {"uncached": args.n2, "cached": args.n2_cached or args.n2}
+    walls = {(m, n): [] for m in modes for n in (n1, n2s[m])}
+    in_run = {m: [] for m in modes}
+    in_windows = {m: [] for m in modes}
+    loads = []
+    for rep in range(args.loop_repeats):
+        for mode in modes:
+            n2 = n2s[mode]
+            for n in (n1, n2) if rep % 2 == 0 else (n2, n1):
+                with ForeignLoad() as fl:
+                    wall, seen = run_trainer(paths, n, mode, flags, scratch, args.threads, f"{mode}-{n}")
+                walls[(mode, n)].append(wall)
+                loads.append(fl.cores)
+                note = ""
+                if n == n2 and n1 in seen and n2 in seen:
+                    in_run[mode].append((seen[n2] - seen[n1]) / (n2 - n1))
+                    in_windows[mode] += windows(seen, n1, n2, steps_per_epoch(args))
+                    note = f", in-run {in_run[mode][-1]:.3f} s/step"
+                log(f"  trainer {mode:8s} {n:3d} steps: {wall:6.1f} s  (foreign load {fl.cores:.2f} cores{note})")
+                if between:
+                    between()
+    result = {}
+    for mode in modes:
+        n2 = n2s[mode]
+        a, b = min(walls[(mode, n1)]), min(walls[(mode, n2)])
+        per = (b - a) / (n2 - n1)
+        pairs = [(y - x) / (n2 - n1) for x, y in zip(walls[(mode, n1)], walls[(mode, n2)])]
+        result[mode] = {
+            "s_per_step": per, "n2": n2, "wall_n1": a, "wall_n2": b, "startup": a - n1 * per, "pairs": pairs,
+            "in_run_all": in_run[mode],
+            "fastest": min(in_windows[mode]) if in_windows[mode] else None,
+            "median": statistics.median(in_windows[mode]) if in_windows[mode] else None,
+        }  # fmt: skip
+    result["foreign_load"] = max(loads) if loads else 0.0
+    return result
+
+
+def loop_probe(argv, skip):
+    """Runs in its own process: the trainer's main() on `argv`, with timers around the prior's forward
+    (class-level wrapper), Tensor.backward and every optimiser step (torch's global optimiser hooks).
+    Each step is split into: prior forward, loss and checks up to backward, backward, clipping and the
+    like up to the optimiser, the optimiser step, and the rest (data, seeding, logging, progress bar)
+    until the next forward. Measured within the same steps, so a busy machine slows all parts alike."""
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    import train_wuerstchen_prior_lora as T
+
+    prior_cls = prior_class()
+    marks = []
+    now = time.perf_counter
+    forward = prior_cls.forward
+
+    def timed_forward(self, *a, **k):
+        if not (self.training and torch.is_grad_enabled()):
+            return forward(self, *a, **k)
+        marks.append(("fwd0", now()))
+        out = forward(self, *a, **k)
+        marks.append(("fwd1", now()))
+        return out
+
+    backward = torch.Tensor.backward
+
+    def timed_backward(self, *a, **k):
+        marks.append(("bwd0", now()))
+        out = backward(self, *a, **k)
+        marks.append(("bwd1", now()))
+        return out
+
+    prior_cls.forward = timed_forward
+    torch.Tensor.backward = timed_backward
+    register_optimizer_step_pre_hook(lambda opt, a, k: marks.append(("opt0", now())))
+    register_optimizer_step_post_hook(lambda opt, a, k: marks.append(("opt1", now())))
+    rc = T.main(argv)
+    # One step = the events from one fwd0 to the next fwd0.
+    steps, cur = [], None
+    for name, t in marks:
+        if name == "fwd0":
+            if cur is not None:
+                steps.append(dict(cur, next=t))
+            cur = {}
+        if cur is not None and name not in cur:
+            cur[name] = t
+    parts = {"forward": [], "loss_and_checks": [], "backward": [], "clip_and_other": [], "optimizer": [], "data_logging_rest": [], "step": []}
+    for st in steps[skip:]:
+        if not all(k in st for k in ("fwd0", "fwd1", "bwd0", "bwd1", "opt0", "opt1")):
+            continue
+        parts["forward"].append(st["fwd1"] - st["fwd0"])
+        parts["loss_and_checks"].append(st["bwd0"] - st["fwd1"])
+        parts["backward"].append(st["bwd1"] - st["bwd0"])
+        parts["clip_and_other"].append(st["opt0"] - st["bwd1"])
+        parts["optimizer"].append(st["opt1"] - st["opt0"])
+        parts["data_logging_rest"].append(st["next"] - st["opt1"])
+        parts["step"].append(st["next"] - st["fwd0"])
+    print("LOOP_PROBE " + json.dumps({"rc": rc, "steps": len(parts["step"]), "totals": {k: sum(v) for k, v in parts.items()}, "medians": {k: statistics.median(v) if v else None for k, v in parts.items()}}), flush=True)
+
+
+def measure_breakdown(paths, args, flags, scratch):
+    mode = "cached" if flags["cache"] else "uncached"
+    run_dir = Path(tempfile.mkdtemp(prefix="breakdown-", dir=scratch))
+    steps = args.n1 + args.breakdown_steps
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_loop_probe", json.dumps(trainer_argv(paths, steps, mode, flags, run_dir)), "--n1", str(args.n1), "--threads", str(args.threads)]
+    with ForeignLoad() as fl:
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=script_env(args.threads), cwd=str(ROOT), timeout=3600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("LOOP_PROBE ")), None)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"loop probe failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    out = json.loads(line[len("LOOP_PROBE ") :])
+    out.update(mode=mode, foreign_load=fl.cores)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The bare floor
+
+
+class Floor:
+    """Prior forward + backward + AdamW step + zero_grad on one fixed batch, in-process: the trainer's
+    own add_lora and compute_loss on the same prior, SDPA attention as in the trainer, nothing else."""
+
+    def __init__(self, paths, args):
+        from diffusers import DDPMWuerstchenScheduler
+
+        import train_wuerstchen_prior_lora as T
+        from wuerstchen_models import use_sdpa_attention
+
+        self.args = args
+        prior = prior_class().from_pretrained(paths["prior"], subfolder="prior") if paths else build_prior(SCALED_PRIOR)
+        prior.requires_grad_(False)
+        use_sdpa_attention(prior)  # as T.load_frozen_models does
+        torch.manual_seed(0)  # the LoRA initialisation
+        params = setup_training(prior, "lora", CPU_RANK)
+        optimizer = make_optimizer(params)
+        scheduler = DDPMWuerstchenScheduler()
+        emb, text = fixed_batch(CPU_BATCH, CPU_RES // 32, SCALED_PRIOR["c_cond"])
+
+        def loss_backward():
+            T.compute_loss(prior, scheduler, emb, text).backward()
+
+        def step():
+            loss_backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        self.step, self.times, self.loads, self.windows = step, [], [], []
+        self.window = steps_per_epoch(args)
+        for _ in range(args.floor_warmup):
+            step()
+        # FLOPs of one step (forward + backward, counted), for the achieved-GFLOP/s line.
+        self.flops = counted_flops(loss_backward)
+        optimizer.zero_grad(set_to_none=True)
+
+    def block(self):
+        """--floor_steps consecutive steps, timestamped; keeps every window of `self.window` steps."""
+        time.sleep(1.0)  # let the kernel finish tearing down the trainer process that just exited
+        stamps = [time.perf_counter()]
+        with ForeignLoad() as fl:
+            for _ in range(self.args.floor_steps):
+                self.step()
+                stamps.append(time.perf_counter())
+        self.windows += windows(dict(enumerate(stamps)), 0, len(stamps) - 1, self.window)
+        self.times.append((stamps[-1] - stamps[0]) / self.args.floor_steps)
+        self.loads.append(fl.cores)
+
+    def result(self):
+        return {
+            "fastest": min(self.windows), "median": statistics.median(self.windows), "blocks": len(self.times),
+            "block_range": (min(self.times), max(self.times)), "flops": self.flops, "foreign_load": max(self.loads),
+        }  # fmt: skip
+
+
+def windows(stamps, first, last, width):
+    """s/step of every run of `width` consecutive steps between step `first` and step `last`.
+
+    stamps: {step: time it finished}. With width = steps per epoch every window holds exactly one
+    epoch boundary, so per-epoch costs are in every window.
+    """
+    return [(stamps[k + width] - stamps[k]) / width for k in range(first, last - width + 1) if k in stamps and k + width in stamps]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Peak memory, LoRA versus full fine-tuning (each in a fresh process)
+
+
+def rss_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss():
+    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM, which ru_maxrss reports) to now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_probe(kind, gradient_checkpointing, threads, steps=3):
+    """Runs in its own process: peak RSS increase of `steps` training steps over the RSS once the
+    prior, its optimiser and the batch exist. A tiny model trains first so that the library code and
+    kernels it pages in are not counted."""
+    from diffusers import DDPMWuerstchenScheduler
+
+    import train_wuerstchen_prior_lora as T
+    from wuerstchen_models import use_sdpa_attention
+
+    torch.set_num_threads(threads)
+    scheduler = DDPMWuerstchenScheduler()
+
+    def train(cfg, batch, grid, n):
+        prior = build_prior(cfg)
+        use_sdpa_attention(prior)
+        params = setup_training(prior, kind, CPU_RANK, gradient_checkpointing)
+        optimizer = make_optimizer(params)
+        emb, text = fixed_batch(batch, grid, cfg["c_cond"])
+        gc.collect()
+        base = rss_kb("VmRSS")
+        clean = reset_peak_rss()
+        for _ in range(n):
+            T.compute_loss(prior, scheduler, emb, text).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        # VmHWM is the peak that clear_refs resets; ru_maxrss also folds in the peak of exited threads'
+        # time (signal_struct maxrss), which no reset clears: report both, use VmHWM when reset worked.
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = rss_kb("VmHWM") if clean else maxrss
+        weights = sum(p.numel() * p.element_size() for p in prior.parameters())
+        trainable = sum(p.numel() for p in params)
+        return {"base_kb": base, "peak_kb": peak, "increase_kb": peak - base, "weights_bytes": weights, "trainable": trainable, "peak_reset": clean, "ru_maxrss_kb": maxrss}
+
+    train(dict(SCALED_PRIOR, c=48, depth=1), 2, 4, 2)  # warm-up: page in code and kernels
+    gc.collect()
+    out = train(SCALED_PRIOR, CPU_BATCH, CPU_RES // 32, steps)
+    print("MEMORY_PROBE " + json.dumps(out), flush=True)
+
+
+def measure_memory(args):
+    variants = [("lora", False), ("full", False)]
+    if not args.no_checkpointing_memory:
+        variants += [("lora", True), ("full", True)]
+    results = {}
+    for kind, gc_on in variants:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory_probe", kind, "--threads", str(args.threads)]
+        if gc_on:
+            cmd.append("--gradient_checkpointing")
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=script_env(args.threads), cwd=str(ROOT), timeout=1200)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("MEMORY_PROBE ")), None)
+        if proc.returncode != 0 or line is None:
+            raise RuntimeError(f"memory probe {kind} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        results[(kind, gc_on)] = json.loads(line[len("MEMORY_PROBE ") :])
+        log(f"  memory {kind}{' +GC' if gc_on else ''}: +{results[(kind, gc_on)]['increase_kb'] / 1024:.1f} MiB {line}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Forward latency: base, unmerged LoRA, fused LoRA
+
+
+def latency_variants(cfg, device, dtype, rank, seed=0):
+    """Three priors with the same base weights: base, + unmerged LoRA (peft), + fused LoRA
+    (diffusers PeftAdapterMixin.fuse_lora then unload_lora, what infer.py --fuse_lora does). lora_B is random (not
+    the zero init) so that the check that fused == unmerged != base means something."""
+    from peft import LoraConfig
+
+    from wuerstchen_models import use_sdpa_attention
+
+    base = build_prior(cfg, device=device, seed=seed).to(dtype).eval().requires_grad_(False)
+    use_sdpa_attention(base)
+    lora = copy.deepcopy(base)
+    lora.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 7)
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p))
+    lora = lora.to(dtype).eval().requires_grad_(False)
+    fused = copy.deepcopy(lora)
+    fused.fuse_lora()
+    fused.unload_lora()  # what infer.py --fuse_lora does: merged weights, no adapter wrappers left
+    return {"base": base, "unmerged LoRA": lora, "fused LoRA": fused}
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def measure_latency(cfg, device, dtype, batch, grid, rank, repeats, warmup=3):
+    models = latency_variants(cfg, device, dtype, rank)
+    emb, text = fixed_batch(batch, grid, cfg["c_cond"], device=device, text_dtype=dtype)
+    # Timesteps in the model dtype, as WuerstchenPriorPipeline passes them (no autocast at inference).
+    x, t = emb.to(dtype), torch.full((batch,), 0.5, device=device, dtype=dtype)
+    outs = {k: m(x, t, text).float() for k, m in models.items()}
+    delta = (outs["unmerged LoRA"] - outs["base"]).norm().item()
+    check = {
+        # how far the LoRA moves the output, and how far the fused model is from the unmerged one,
+        # both relative to the size of the output
+        "lora_vs_base": delta / outs["base"].norm().item(),
+        "fused_vs_unmerged": (outs["fused LoRA"] - outs["unmerged LoRA"]).norm().item() / outs["unmerged LoRA"].norm().item(),
+    }
+    names = list(models)
+    for _ in range(warmup):
+        for name in names:
+            models[name](x, t, text)
+    times = {n: [] for n in names}
+    with ForeignLoad() as fl:
+        for r in range(repeats):
+            order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no variant always runs first
+            for name in order:
+                sync(device)
+                t0 = time.perf_counter()
+                models[name](x, t, text)
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    # Paired ratios per round cancel slow drifts of the machine's speed.
+    paired = {n: statistics.median(a / b for a, b in zip(times[n], times["base"])) for n in names}
+    return {"median": med, "paired": paired, "check": check, "foreign_load": fl.cores, "repeats": repeats}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The device benchmark (real prior on a GPU; --smoke_device_path runs it on the CPU, tiny)
+
+
+def free(device):
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def device_training(cfg, device, dtype, batch, grid, kind, gradient_checkpointing, steps, warmup, rank, count_flops):
+    """Training steps of the prior as the trainer runs them under mixed precision.
+
+    LoRA: frozen prior in `dtype`, LoRA weights fp32 (the trainer's add_lora), autocast. Full fine-tuning:
+    fp32 master weights, every parameter trainable, autocast to `dtype` (accelerate's mixed precision).
+    Returns s/step, peak memory and, when asked, the FLOPs of one step (forward + backward, counted with
+    gradient checkpointing off so that recomputation is not counted: model FLOPs, not hardware FLOPs).
+    """
+    from diffusers import DDPMWuerstchenScheduler
+
+    import train_wuerstchen_prior_lora as T
+    from wuerstchen_models import use_sdpa_attention
+
+    free(device)
+    is_cuda = torch.device(device).type == "cuda"
+    prior = build_prior(cfg, device=device)
+    if kind == "lora":
+        prior.to(dtype)
+    use_sdpa_attention(prior)
+    params = setup_training(prior, kind, rank, gradient_checkpointing)
+    optimizer = make_optimizer(params, device)
+    scheduler = DDPMWuerstchenScheduler()
+    emb, text = fixed_batch(batch, grid, cfg["c_cond"], device=device, text_dtype=dtype)
+    dev_type = torch.device(device).type
+
+    def loss_and_backward():
+        with torch.autocast(dev_type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = T.compute_loss(prior, scheduler, emb, text)
+        loss.backward()
+        return loss
+
+    def step():
+        loss_and_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    out = {}
+    if count_flops:
+        with torch.no_grad(), torch.autocast(dev_type, dtype=dtype, enabled=dtype != torch.float32):
+            t = torch.rand(batch, device=device)
+            x = emb.float()
+            out["forward_flops"] = counted_flops(lambda: prior(x, t, text))
+            out["forward_flops_hooks"] = analytic_forward_flops(prior, x, t, text)
+        out["step_flops"] = counted_flops(loss_and_backward)
+        optimizer.zero_grad(set_to_none=True)
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    out["s_per_step"] = (time.perf_counter() - t0) / steps
+    out["images_per_s"] = batch / out["s_per_step"]
+    out["peak_bytes"] = torch.cuda.max_memory_allocated() if is_cuda else None
+    out["trainable"] = sum(p.numel() for p in params)
+    return out  # the caller frees the device memory once these locals are gone
+
+
+def run_device_benchmark(args, device, cfg, batch, grid, dtype, steps, warmup):
+    rows = []
+    flops = {}
+    variants = [("lora", False), ("full", False)]
+    if args.gradient_checkpointing:
+        variants += [("lora", True), ("full", True)]
+    for kind, gc_on in variants:
+        log(f"  {device}: {kind}{' + gradient checkpointing' if gc_on else ''}")
+        try:
+            r = device_training(cfg, device, dtype, batch, grid, kind, gc_on, steps, warmup, args.rank_device, count_flops=not gc_on)
+        except torch.OutOfMemoryError as e:  # full fine-tuning may not fit a smaller GPU
+            rows.append({"kind": kind, "gc": gc_on, "error": f"out of memory: {str(e).splitlines()[0][:80]}"})
+            free(device)
+            continue
+        free(device)
+        if not gc_on:
+            flops[kind] = r
+        r.update(kind=kind, gc=gc_on)
+        rows.append(r)
+    return rows, flops
+
+
+def print_device_results(args, device, cfg, batch, grid, dtype, rows, flops, latency):
+    peak = args.peak_tflops * 1e12
+    fwd = flops.get("lora", flops.get("full", {})).get("forward_flops")
+    hooks = flops.get("lora", flops.get("full", {})).get("forward_flops_hooks")
+    print(f"\n## Device training: prior {fmt_cfg(cfg)}, batch {batch}, grid {grid}x{grid}, {str(dtype).replace('torch.', '')}, rank {args.rank_device}")
+    if fwd:
+        print(f"forward FLOPs per step (FlopCounterMode, SDPA included): {fmt_flops(fwd)}; hooks (Linear, Conv2d, QK^T, AV): {fmt_flops(hooks)} ({100 * (fwd - hooks) / hooks:+.2f} %)")
+        for kind, r in flops.items():
+            print(f"  {kind}: forward + backward counted {fmt_flops(r['step_flops'])} = {r['step_flops'] / r['forward_flops']:.2f} x forward")
+    print(f"MFU against {args.peak_tflops:g} TFLOP/s dense bf16 (--peak_tflops; 989 = H100/H200 SXM). 'executed' = forward + backward counted by FlopCounterMode")
+    print("(LoRA skips the frozen weights' gradients, so about 2 x forward); '3 x fwd' = the usual model-FLOPs convention. Checkpointed rows use the")
+    print("un-checkpointed FLOPs (recomputation is not model work).\n")
+    print("| variant | s/step | images/s | peak memory | TFLOP/s executed | MFU executed | MFU 3 x fwd |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        name = (f"LoRA r{args.rank_device}" if r["kind"] == "lora" else "full fine-tuning") + (" + grad ckpt" if r["gc"] else "")
+        if "error" in r:
+            print(f"| {name} | {r['error']} | | | | | |")
+            continue
+        step_flops = flops.get(r["kind"], {}).get("step_flops")
+        f_fwd = flops.get(r["kind"], {}).get("forward_flops")
+        mem = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] is not None else "n/a (CPU)"
+        achieved = step_flops / r["s_per_step"] if step_flops else None
+        print(
+            f"| {name} | {r['s_per_step']:.4f} | {r['images_per_s']:.2f} | {mem} | "
+            f"{achieved / 1e12:.3g} | {100 * achieved / peak:.3g} % | {100 * 3 * f_fwd / r['s_per_step'] / peak:.3g} % |"
+            if achieved
+            else f"| {name} | {r['s_per_step']:.4f} | {r['images_per_s']:.2f} | {mem} | | | |"
+        )
+    by = {(r["kind"], r["gc"]): r for r in rows if "error" not in r}
+    for gc_on in (False, True):
+        lo, fu = by.get(("lora", gc_on)), by.get(("full", gc_on))
+        if lo and fu and lo["peak_bytes"] and fu["peak_bytes"]:
+            print(f"\npeak memory LoRA / full fine-tuning{' (both checkpointed)' if gc_on else ''}: {lo['peak_bytes'] / fu['peak_bytes']:.3f} (target <= {TARGETS['memory_fraction']:.3f})")
+    if latency:
+        print_latency(latency, f"prior {fmt_cfg(cfg)}, batch {batch}, grid {grid}x{grid}, {str(dtype).replace('torch.', '')}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def fmt_flops(x):
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= scale:
+            return f"{x / scale:.3f} {unit}"
+    return f"{x:.0f} FLOP"
+
+
+def fmt_cfg(cfg):
+    return f"c {cfg['c']}, c_cond {cfg['c_cond']}, depth {cfg['depth']}, nhead {cfg['nhead']}"
+
+
+def verdict(ok):
+    return "met" if ok else "MISSED"
+
+
+def print_header(args):
+    import diffusers
+    import peft
+    import transformers
+
+    print("# Wuerstchen prior LoRA benchmark\n")
+    print(f"command: {shlex.join([Path(sys.executable).name] + sys.argv)}")
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"machine: {cpu_model()}, {os.cpu_count()} logical cores ({affinity} usable), {platform.system()} {platform.release()}")
+    print(f"software: python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, transformers {transformers.__version__}")
+    print(f"torch threads: {torch.get_num_threads()} (also OMP_NUM_THREADS/MKL_NUM_THREADS of the subprocesses); load average at start {loadavg():.2f}")
+    if args.device == "cuda" and torch.cuda.is_available():
+        print(f"GPU: {torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+
+
+def print_params():
+    print("\n## Trainable parameters (attention LoRA on to_q, to_k, to_v, to_out.0; counted on the meta device)\n")
+    print("| prior | setting | trainable | total | fraction |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for label, cfg in (("scaled", SCALED_PRIOR), ("real", REAL_PRIOR)):
+        base, _ = count_params(cfg)
+        print(f"| {label} ({fmt_cfg(cfg)}) | full fine-tuning | {base:,} | {base:,} | 100 % |")
+        for rank in (4, 8):
+            tr, tot = count_params(cfg, rank)
+            note = ""
+            if cfg is REAL_PRIOR:
+                note = " (= 393,216 x r)" if tr == 393_216 * rank else f" (REFERENCE says {393_216 * rank:,})"
+            print(f"| {label} | LoRA r{rank} | {tr:,}{note} | {tot:,} | {100 * tr / tot:.3f} % |")
+
+
+def print_latency(lat, what):
+    print(f"\n## Prior forward latency ({what}; eval, no_grad; median of {lat['repeats']} interleaved runs)\n")
+    print("| variant | median ms | / base (ratio of medians) | / base (median of paired ratios) |")
+    print("| --- | ---: | ---: | ---: |")
+    base = lat["median"]["base"]
+    for name, t in lat["median"].items():
+        print(f"| {name} | {1000 * t:.2f} | {t / base:.3f} | {lat['paired'][name]:.3f} |")
+    c = lat["check"]
+    print(f"check: |unmerged - base| / |base| = {c['lora_vs_base']:.2e} (the LoRA does something), |fused - unmerged| / |unmerged| = {c['fused_vs_unmerged']:.2e} (fusing keeps it); foreign load during timing {lat['foreign_load']:.2f} cores")
+
+
+def print_cpu_results(args, flags, loop, floor, memory, latency, extra, breakdown=None):
+    targets = []
+    print(f"\n## CPU figures: scaled prior ({fmt_cfg(SCALED_PRIOR)}, c_r 64, {count_params(SCALED_PRIOR)[0] / 1e6:.2f} M params), {CPU_RES} px ({CPU_RES // 32}x{CPU_RES // 32} grid), batch {CPU_BATCH}, LoRA r{CPU_RANK}, fp32\n")
+    print(
+        f"Trainer runs: text encoder SCALED (CLIP hidden {SCALED_TEXT['hidden_size']} = c_cond, {SCALED_TEXT['num_hidden_layers']} layers, "
+        f"{SCALED_TEXT['num_attention_heads']} heads, MLP {SCALED_TEXT['intermediate_size']}; the real one is hidden 1280, 32 layers, 20 heads, MLP 5120), "
+        f"image encoder REAL-size EfficientNetV2-S (random weights), {args.n_images} images of 320x256, --center_crop."
+    )
+    if extra:
+        e = extra
+        # Caching removes the encoders' forward; a LoRA step still pays the prior's forward + backward (about 2 x forward).
+        print(
+            f"Forward FLOPs per sample (FlopCounterMode): here EfficientNetV2-S at {CPU_RES} px {e['effnet'] / 1e9:.2f} G + scaled text encoder {e['text'] / 1e9:.3f} G "
+            f"vs scaled prior {e['prior'] / 1e9:.2f} G; real models at 768 px: EfficientNet {e['real_effnet'] / 1e9:.1f} G + CLIP bigG text {e['real_text'] / 1e9:.1f} G "
+            f"vs prior {e['real_prior'] / 1e9:.0f} G. So the encoders cost about {(e['effnet'] + e['text']) / (2 * e['prior']):.1f} x a LoRA prior step here, "
+            f"and about {100 * (e['real_effnet'] + e['real_text']) / (2 * e['real_prior']):.0f} % of one on the real models: the cached speed-up measured here is much larger than on real models."
+        )
+    print("\n| figure | value | target | verdict |")
+    print("| --- | ---: | --- | --- |")
+    c = cl = None
+    if loop:
+        u = loop["uncached"]["s_per_step"]
+        cl = loop.get("cached")
+        print(f"| training loop, uncached: wall-clock difference (s/step) | {u:.3f} | | |")
+        if cl:
+            c = cl["s_per_step"]
+            print(f"| training loop, cached: wall-clock difference (s/step) | {c:.3f} | | |")
+            if cl["fastest"]:
+                print(f"| training loop, cached: in-run epoch windows, fastest / median (s/step) | {cl['fastest']:.3f} / {cl['median']:.3f} | | |")
+        else:
+            print("| training loop, cached (s/step) | n/a (trainer has no --cache_embeddings yet) | | |")
+    if floor:
+        f = floor["median"]
+        print(f"| bare floor: fwd + bwd + AdamW, epoch windows, fastest / median (s/step) | {floor['fastest']:.3f} / {f:.3f} | | |")
+        print(f"| floor throughput (counted fwd+bwd FLOPs / median time) | {floor['flops'] / f / 1e9:.1f} GFLOP/s | | |")
+    if loop and floor:
+        if cl and cl["median"]:
+            ratio = cl["median"] / f
+            ok = ratio <= TARGETS["loop_over_floor"]
+            targets.append(ok)
+            print(f"| cached loop / floor: median epoch windows (like for like) | {ratio:.3f} x | <= {TARGETS['loop_over_floor']:.2f} x | {verdict(ok)} |")
+            print(f"| cached loop / floor: fastest epoch windows | {cl['fastest'] / floor['fastest']:.3f} x | | |")
+        # The wall-clock difference takes the shortest runs: set it against the fastest floor window.
+        if c is not None:
+            print(f"| cached loop / floor: wall-clock difference / fastest window | {c / floor['fastest']:.3f} x | | |")
+        print(f"| uncached loop / floor: wall-clock difference / fastest window | {u / floor['fastest']:.3f} x | | |")
+    if loop and c is not None:
+        ok = u / c >= TARGETS["cached_speedup"]
+        targets.append(ok)
+        print(f"| uncached / cached: wall-clock differences | {u / c:.2f} x | >= {TARGETS['cached_speedup']:.0f} x | {verdict(ok)} |")
+        if cl["median"] and loop["uncached"]["median"]:
+            print(f"| uncached / cached: median epoch windows | {loop['uncached']['median'] / cl['median']:.2f} x | | |")
+    if breakdown:
+        t = breakdown["totals"]
+        core = t["forward"] + t["backward"] + t["optimizer"]
+        print(f"| {breakdown['mode']} loop, step time / (prior fwd + bwd + optimizer) in the same steps | {t['step'] / core:.3f} x | | |")
+    if memory:
+        lo, fu = memory[("lora", False)], memory[("full", False)]
+        ratio = lo["increase_kb"] / fu["increase_kb"]
+        ok = ratio <= TARGETS["memory_fraction"]
+        targets.append(ok)
+        print(f"| peak training memory LoRA / full (RSS increase) | {ratio:.3f} | <= 0.333 | {verdict(ok)} |")
+        tot = (lo["increase_kb"] * 1024 + lo["weights_bytes"]) / (fu["increase_kb"] * 1024 + fu["weights_bytes"])
+        print(f"| same, weights included | {tot:.3f} | | |")
+        if ("lora", True) in memory:
+            lo, fu = memory[("lora", True)], memory[("full", True)]
+            print(f"| same, both with gradient checkpointing (RSS increase) | {lo['increase_kb'] / fu['increase_kb']:.3f} | (not counted) | |")
+    if latency:
+        m = latency["median"]
+        ok = m["fused LoRA"] / m["base"] <= TARGETS["fused_latency"]
+        targets.append(ok)
+        print(f"| forward latency unmerged LoRA / base | {m['unmerged LoRA'] / m['base']:.3f} x | | |")
+        print(f"| forward latency fused LoRA / base | {m['fused LoRA'] / m['base']:.3f} x | <= {TARGETS['fused_latency']:.2f} x | {verdict(ok)} |")
+
+    if loop:
+        w = steps_per_epoch(args)
+        print(
+            f"\nLoop: wall-clock difference = (wall(N2) - wall(N1 = {args.n1})) / (N2 - N1), shortest wall of {args.loop_repeats} runs per length. "
+            f"In-run: times at which the progress bar showed each step; an epoch window is {w} consecutive steps ({args.n_images} images / batch {CPU_BATCH}), "
+            f"so each holds one epoch boundary. The floor is timed in the same windows, in blocks between the trainer runs."
+        )
+        for mode in ("uncached", "cached"):
+            if mode in loop:
+                r = loop[mode]
+                pairs = ", ".join(f"{x:.3f}" for x in r["pairs"])
+                runs = ", ".join(f"{x:.3f}" for x in r["in_run_all"]) or "n/a"
+                print(f"  {mode}: N2 {r['n2']}; shortest walls {r['wall_n1']:.1f} s / {r['wall_n2']:.1f} s, start-up incl. loading about {r['startup']:.1f} s; s/step of each run pair {pairs}; mean s/step N1..N2 of each long run {runs}")
+        print(f"  max foreign load during the runs: {loop['foreign_load']:.2f} cores")
+    if floor:
+        lo_, hi_ = floor["block_range"]
+        print(
+            f"Floor: {floor['blocks']} blocks of {args.floor_steps} steps after {args.floor_warmup} warm-up steps (block means {lo_:.3f}-{hi_:.3f} s/step); "
+            f"fwd+bwd {floor['flops'] / 1e9:.2f} GFLOP/step; max foreign load {floor['foreign_load']:.2f} cores"
+        )
+    if breakdown:
+        t, m = breakdown["totals"], breakdown["medians"]
+        n = breakdown["steps"]
+        print(f"\n## Where a {breakdown['mode']} training step goes (the trainer's main() in-process with timers; {n} steps after {args.n1}; foreign load {breakdown['foreign_load']:.2f} cores)\n")
+        print("| part | mean ms/step | median ms | share |")
+        print("| --- | ---: | ---: | ---: |")
+        labels = {
+            "forward": "prior forward (incl. LoRA)", "loss_and_checks": "loss, finite check (to backward)", "backward": "backward",
+            "clip_and_other": "gradient clipping etc. (to optimiser)", "optimizer": "optimiser step", "data_logging_rest": "data, seeding, noise sampling, logging, progress bar (to next forward)",
+        }  # fmt: skip
+        for key, label in labels.items():
+            print(f"| {label} | {1000 * t[key] / n:.1f} | {1000 * m[key]:.1f} | {100 * t[key] / t['step']:.1f} % |")
+        print(f"| whole step | {1000 * t['step'] / n:.1f} | {1000 * m['step']:.1f} | 100 % |")
+    if memory:
+        print("\n## Peak memory of training (CPU, fresh process each; peak RSS over the RSS once prior, optimiser and batch exist; 3 steps)\n")
+        print("| setting | trainable params | weights | peak increase | weights + increase | grads + AdamW state (computed) |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for (kind, gc_on), r in memory.items():
+            name = (f"LoRA r{CPU_RANK}" if kind == "lora" else "full fine-tuning (AdamW)") + (" + grad ckpt" if gc_on else "")
+            note = "" if r["peak_reset"] else " (peak not reset)"
+            state = 3 * 4 * r["trainable"]  # fp32 gradient + exp_avg + exp_avg_sq
+            print(
+                f"| {name} | {r['trainable']:,} | {r['weights_bytes'] / 2**20:.1f} MiB | {r['increase_kb'] / 1024:.1f} MiB{note} | "
+                f"{(r['weights_bytes'] + r['increase_kb'] * 1024) / 2**20:.1f} MiB | {state / 2**20:.1f} MiB |"
+            )
+        print("The rest of the increase is activations kept for the backward pass (and allocator slack): at this size they outweigh the weights.")
+    if latency:
+        print_latency(latency, f"scaled prior, batch {CPU_BATCH}, {CPU_RES // 32}x{CPU_RES // 32} grid, fp32")
+    if targets:
+        print(f"\ntargets met: {sum(targets)} of {len(targets)}")
+
+
+def extra_flops(paths):
+    """Per-sample forward FLOPs of the encoders and the prior, scaled (as benchmarked) and real (counted
+    on the meta device: shapes only, nothing computed), to put cached versus uncached in proportion."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from wuerstchen_models import (
+        EfficientNetEncoder,
+        load_image_encoder,
+        use_sdpa_attention,
+    )
+
+    def prior_flops(cfg, grid, device):
+        prior = build_prior(cfg, device=device).eval()
+        use_sdpa_attention(prior)
+        with torch.device(device):
+            emb, text = torch.zeros(1, 16, grid, grid), torch.zeros(1, TOKENS, cfg["c_cond"])
+            t = torch.full((1,), 0.5)
+        return counted_flops(lambda: prior(emb, t, text))
+
+    def text_flops(model, device):
+        return counted_flops(lambda: model(torch.zeros(1, TOKENS, dtype=torch.long, device=device)))
+
+    with torch.no_grad():
+        effnet = load_image_encoder(paths["image_encoder"])
+        out = {"effnet": counted_flops(lambda: effnet(torch.zeros(1, 3, CPU_RES, CPU_RES)))}
+        te = CLIPTextModel.from_pretrained(paths["prior"], subfolder="text_encoder").eval()
+        out["text"] = text_flops(te, "cpu")
+        out["prior"] = prior_flops(SCALED_PRIOR, CPU_RES // 32, "cpu")
+        with torch.device("meta"):
+            real_effnet = EfficientNetEncoder().eval()
+            real_te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=TOKENS, hidden_act="gelu", **REAL_TEXT)).eval()
+        out["real_effnet"] = counted_flops(lambda: real_effnet(torch.zeros(1, 3, 32 * GPU_GRID, 32 * GPU_GRID, device="meta")))
+        out["real_text"] = text_flops(real_te, "meta")
+        out["real_prior"] = prior_flops(REAL_PRIOR, GPU_GRID, "meta")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def check_flop_counter():
+    """FlopCounterMode (with the CPU SDPA formula) against the hooks count, on a small prior."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from wuerstchen_models import use_sdpa_attention
+
+    cfg = dict(SCALED_PRIOR, c=96, depth=2, nhead=4)
+    prior = build_prior(cfg).eval()
+    emb, text = fixed_batch(2, 6, cfg["c_cond"])
+    t = torch.rand(2)
+    with torch.no_grad():
+        use_sdpa_attention(prior)
+        sdpa = counted_flops(lambda: prior(emb, t, text))
+        hooks = analytic_forward_flops(prior, emb, t, text)
+        prior.set_attn_processor(AttnProcessor())  # classic matmul + softmax: counted as bmm by FlopCounterMode itself
+        classic = counted_flops(lambda: prior(emb, t, text))
+    print(f"FLOP counter check (prior c 96, depth 2, batch 2, 6x6): FlopCounterMode with SDPA {sdpa:,}, with classic attention {classic:,}, hooks {hooks:,}")
+    if not (sdpa == classic == hooks):
+        print("WARNING: the FLOP counts disagree; the MFU figures would be off")
+    return sdpa == classic == hooks
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: scaled prior figures; cuda: the real prior on a GPU")
+    p.add_argument("--threads", type=int, default=1, help="torch threads here and OMP/MKL threads of the subprocesses (default 1: robust on a shared machine; with N threads and another busy process, OpenMP timings swing by 10x)")
+    p.add_argument("--only", default="loop,floor,breakdown,memory,latency,flops,params", help="comma-separated CPU sections: loop, floor, breakdown, memory, latency, flops, params")
+    p.add_argument("--workdir", default=None, help="where the models and images are built (kept, and reused if complete); default: a temporary folder")
+    p.add_argument("--n_images", type=int, default=32)
+    p.add_argument("--n1", type=int, default=5, help="steps of the short trainer run")
+    p.add_argument("--n2", type=int, default=45, help="steps of the long trainer run (uncached)")
+    p.add_argument("--n2_cached", type=int, default=125, help="steps of the long trainer run, cached (faster steps: more of them for the same precision)")
+    p.add_argument("--loop_repeats", type=int, default=3, help="trainer run pairs per mode (min wall per length)")
+    p.add_argument("--floor_warmup", type=int, default=3)
+    p.add_argument("--floor_steps", type=int, default=16, help="steps per floor block (one block before the trainer runs and one after each)")
+    p.add_argument("--latency_repeats", type=int, default=90)
+    p.add_argument("--no_checkpointing_memory", action="store_true", help="CPU memory: skip the gradient-checkpointing rows")
+    g = p.add_argument_group("device (--device cuda)")
+    g.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak of the GPU for MFU (989: H100/H200 SXM)")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="also run the gradient-checkpointing variants (CPU memory probe: checkpoint this probe)")
+    g.add_argument("--steps", type=int, default=10, help="timed training steps per variant")
+    g.add_argument("--warmup", type=int, default=3)
+    g.add_argument("--rank_device", type=int, default=8, help="LoRA rank of the device benchmark (the README recipe uses 8)")
+    g.add_argument("--smoke_device_path", action="store_true", help="run the --device cuda code path on the CPU with a tiny prior (a check, not a figure)")
+    p.add_argument("--breakdown_steps", type=int, default=40, help="steps timed part by part in the loop breakdown (after --n1 warm-up steps)")
+    p.add_argument("--_memory_probe", choices=["lora", "full"], help=argparse.SUPPRESS)
+    p.add_argument("--_loop_probe", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    if args._memory_probe:
+        memory_probe(args._memory_probe, args.gradient_checkpointing, args.threads)
+        return 0
+    if args._loop_probe:
+        loop_probe(json.loads(args._loop_probe), args.n1)
+        return 0
+
+    import warnings
+
+    from wuerstchen_models import quiet_library_logs
+
+    warnings.filterwarnings("ignore")
+    quiet_library_logs()
+    print_header(args)
+
+    if args.smoke_device_path:
+        check_flop_counter()
+        cfg = dict(SCALED_PRIOR, c=64, depth=2, nhead=2, c_cond=32)
+        rows, flops = run_device_benchmark(args, "cpu", cfg, 2, 4, torch.bfloat16, steps=2, warmup=1)
+        lat = measure_latency(cfg, "cpu", torch.bfloat16, 2, 4, args.rank_device, repeats=3, warmup=1)
+        print_device_results(args, "cpu", cfg, 2, 4, torch.bfloat16, rows, flops, lat)
+        return 0
+
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print("error: --device cuda but torch sees no GPU", file=sys.stderr)
+            return 2
+        torch.backends.cuda.matmul.allow_tf32 = True
+        print_params()
+        rows, flops = run_device_benchmark(args, "cuda", REAL_PRIOR, GPU_BATCH, GPU_GRID, torch.bfloat16, args.steps, args.warmup)
+        lat = measure_latency(REAL_PRIOR, "cuda", torch.bfloat16, GPU_BATCH, GPU_GRID, args.rank_device, repeats=args.latency_repeats)
+        print_device_results(args, "cuda", REAL_PRIOR, GPU_BATCH, GPU_GRID, torch.bfloat16, rows, flops, lat)
+        return 0
+
+    sections = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = sections - {"loop", "floor", "breakdown", "memory", "params", "latency", "flops"}
+    if unknown:
+        p.error(f"--only: unknown sections {sorted(unknown)}")
+    t_start = time.perf_counter()
+    if loadavg() > 0.5 * args.threads:
+        log(f"warning: load average {loadavg():.2f} before timing; other processes will skew the figures")
+    with contextlib.ExitStack() as stack:
+        if args.workdir:
+            workdir = Path(args.workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wuerstchen-bench-")))
+        scratch = workdir / "runs"
+        scratch.mkdir(exist_ok=True)
+        need_models = sections & {"loop", "floor", "breakdown", "flops"}
+        paths = build_workdir(workdir, args.n_images) if need_models else None
+
+        loop = floor = memory = latency = extra = None
+        flags = trainer_flags() if sections & {"loop", "breakdown"} else {"cache": False, "cache_dir": False}
+        bench_floor = None
+        if "floor" in sections:
+            log("bare floor (timed in blocks between the trainer runs)")
+            bench_floor = Floor(paths, args)
+            bench_floor.block()
+        if "loop" in sections:
+            log(f"training loop: trainer runs of {args.n1} and {args.n2} steps ({'cached and uncached' if flags['cache'] else 'uncached only: no --cache_embeddings in the trainer'})")
+            loop = measure_loop(paths, args, flags, scratch, between=bench_floor.block if bench_floor else None)
+        if bench_floor:
+            floor = bench_floor.result()
+            del bench_floor
+            gc.collect()
+        breakdown = None
+        if "breakdown" in sections:
+            log("loop breakdown (the trainer's main() in a subprocess, with timers)")
+            breakdown = measure_breakdown(paths, args, flags, scratch)
+        if "memory" in sections:
+            log("peak memory (subprocesses)")
+            memory = measure_memory(args)
+        if "latency" in sections:
+            log("forward latency")
+            latency = measure_latency(SCALED_PRIOR, "cpu", torch.float32, CPU_BATCH, CPU_RES // 32, CPU_RANK, args.latency_repeats)
+        if "flops" in sections:
+            extra = extra_flops(paths)
+        print_cpu_results(args, flags, loop, floor, memory, latency, extra, breakdown)
+        if "params" in sections:
+            print_params()
+    print(f"\ntotal benchmark time {time.perf_counter() - t_start:.0f} s; load average at end {loadavg():.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
