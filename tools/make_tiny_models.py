@@ -211,18 +211,20 @@ def build_tokenizer(path=None):
     Also writes ``vocab.json`` / ``merges.txt`` (the files the real hub repos ship), so that
     transformers 4 slow/fast tokenizers and transformers 5 load it alike.
     """
+    import tempfile
+
     from transformers import CLIPTokenizer
 
     vocab, merges = _tokenizer_vocab_and_merges()
-    tok = CLIPTokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token=EOS,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=EOS,
-        model_max_length=77,
-    )
+    special = dict(unk_token=EOS, bos_token=BOS, eos_token=EOS, pad_token=EOS, model_max_length=77)
+    try:  # transformers 5: built from the vocabulary and merges themselves
+        tok = CLIPTokenizer(vocab=vocab, merges=merges, **special)
+    except TypeError:  # transformers 4: only from vocab.json + merges.txt files
+        with tempfile.TemporaryDirectory() as tmp:
+            vocab_file, merges_file = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
+            vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+            merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+            tok = CLIPTokenizer(str(vocab_file), str(merges_file), **special)
     if path is not None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
