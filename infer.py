@@ -15,6 +15,7 @@ import sys
 import torch
 
 from wuerstchen_models import (
+    ADAPTER_NAME,
     DEFAULT_DECODER,
     DEFAULT_PRIOR,
     LORA_WEIGHTS_NAME,
@@ -112,15 +113,27 @@ def load_prior_pipeline(args, lora_path):
     prior, text_encoder, tokenizer, scheduler = load_prior_components(prior_model, None if args.prior_model else info.get("revision"))
     use_sdpa_attention(prior)
     prior_pipeline = build_prior_pipeline(prior, text_encoder, tokenizer, scheduler).to(args.device, dtype=dtype)
-    load_lora_checked(prior_pipeline, lora_path, adapter_name="lora")
+    load_lora_checked(prior_pipeline, lora_path, adapter_name=ADAPTER_NAME)
     if args.fuse_lora:
         prior_pipeline.fuse_lora(components=["prior"], lora_scale=args.lora_scale)
         # Drop the adapter wrappers too (the merged weights stay): a plain prior, no added latency.
         prior_pipeline.unload_lora_weights()
     elif args.lora_scale != 1.0:
-        prior_pipeline.set_adapters(["lora"], adapter_weights=[args.lora_scale])
+        scale_lora(prior_pipeline, args.lora_scale)
     prior_pipeline.set_progress_bar_config(disable=True)
     return prior_pipeline
+
+
+def scale_lora(prior_pipeline, scale):
+    """Run the LoRA at `scale` times its trained strength."""
+    try:
+        prior_pipeline.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+    except KeyError:  # diffusers before 0.38 registers no scale function for WuerstchenPrior: ask peft's layers
+        from peft.tuners.lora import LoraLayer
+
+        for module in prior_pipeline.prior.modules():
+            if isinstance(module, LoraLayer):
+                module.scale_layer(scale)
 
 
 def load_pipelines(args, lora_path):

@@ -371,7 +371,11 @@ def check_lora_file(lora_path):
     return prior_keys
 
 
-def load_lora_checked(prior_pipeline, lora_path, adapter_name="lora"):
+# Not "lora": older peft strips ".<adapter name>" from parameter names, which mangles "lora_A".
+ADAPTER_NAME = "trained"
+
+
+def load_lora_checked(prior_pipeline, lora_path, adapter_name=ADAPTER_NAME):
     """Load a LoRA file into the prior pipeline and make sure the prior took every tensor in it.
 
     diffusers skips keys with a foreign prefix with only a log line, which would silently give

@@ -5,12 +5,12 @@ from conftest import prior_output
 from diffusers import WuerstchenPriorPipeline
 
 import infer
-from wuerstchen_models import PEFT_ADAPTER_DIR, WuerstchenPrior, load_prior_components
+from wuerstchen_models import LORA_WEIGHTS_NAME, PEFT_ADAPTER_DIR, WuerstchenPrior, load_prior_components
 
 
 def with_diffusers_lora(tiny, trained):
     prior, text_encoder, tokenizer, scheduler = load_prior_components(tiny["prior"])
-    WuerstchenPriorPipeline(tokenizer=tokenizer, text_encoder=text_encoder, prior=prior, scheduler=scheduler).load_lora_weights(str(trained))
+    WuerstchenPriorPipeline(tokenizer=tokenizer, text_encoder=text_encoder, prior=prior, scheduler=scheduler).load_lora_weights(str(trained), weight_name=LORA_WEIGHTS_NAME)
     return prior_output(prior)
 
 
@@ -68,6 +68,11 @@ def test_model_card_snippet_runs(trained, tiny):
     code = re.search(r"```python\n(.*?)```", card, flags=re.S).group(1)
     code = code.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32").replace("path/to/this/folder", str(trained))
     code = code.replace("guidance_scale=4.0", "guidance_scale=4.0, num_inference_steps=2")
+    code = code.replace('prior.load_lora_weights("', 'prior.load_lora_weights(weight_name="pytorch_lora_weights.safetensors", pretrained_model_name_or_path_or_dict="')
+    import importlib.util
+
+    if importlib.util.find_spec("diffusers.pipelines.deprecated.wuerstchen") is None:  # diffusers < 0.38, as the card says
+        code = code.replace("diffusers.pipelines.deprecated.wuerstchen", "diffusers.pipelines.wuerstchen")
     scope = {}
     exec(compile(code, "model card", "exec"), scope)
     assert scope["image"].size == (128, 128)

@@ -89,7 +89,7 @@ def test_saved_file_loads_in_plain_diffusers_with_alpha(trained, tiny):
     prior, text_encoder, tokenizer, scheduler = load_prior_components(tiny["prior"])
     pipe = WuerstchenPriorPipeline(tokenizer=tokenizer, text_encoder=text_encoder, prior=prior, scheduler=scheduler)
     base = prior_output(prior)
-    pipe.load_lora_weights(str(trained))
+    pipe.load_lora_weights(str(trained), weight_name=LORA_WEIGHTS_NAME)  # older diffusers need the name offline
     with_lora = prior_output(prior)
 
     # Independent reference: merge the file's matrices by hand with scale alpha / r = 8 / 4.
@@ -157,7 +157,7 @@ def test_training_lowers_loss_on_fixed_noise(trained, tiny):
     text = trainer.encode_text(text_encoder, tokenizer, batch["caption"], "cpu")
     base = fixed_loss(prior, scheduler, emb, text)
     pipe = WuerstchenPriorPipeline(tokenizer=tokenizer, text_encoder=text_encoder, prior=prior, scheduler=scheduler)
-    pipe.load_lora_weights(str(trained))
+    pipe.load_lora_weights(str(trained), weight_name=LORA_WEIGHTS_NAME)
     tuned = fixed_loss(prior, scheduler, emb, text)
     assert tuned < 0.85 * base, (base, tuned)
 
