@@ -24,12 +24,23 @@ import os
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from wuerstchen_data import CaptionOptions, pick_caption, resize_to_cover, sample_rng, to_rgb
-from wuerstchen_models import IMAGENET_MEAN, IMAGENET_STD, atomic_write_json
+from wuerstchen_data import (
+    CaptionOptions,
+    caption_list,
+    pick_caption,
+    resize_to_cover,
+    sample_rng,
+    to_rgb,
+)
+from wuerstchen_models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    atomic_save_tensors,
+    atomic_write_json,
+)
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -102,8 +113,7 @@ def _pixels(image):
 
 def _captions(value):
     """Every caption of a row (one string or a list); the sampler picks one per epoch."""
-    values = value if isinstance(value, (list, tuple)) else [value]
-    return [v.strip() for v in values if isinstance(v, str) and v.strip()] or [""]
+    return caption_list(value) or [""]
 
 
 def build_cache(folder, dataset, image_column, caption_column, args, encode_image, encode_text, accelerator, captions=CaptionOptions(), row_buckets=None):
@@ -129,10 +139,10 @@ def build_cache(folder, dataset, image_column, caption_column, args, encode_imag
         if not captions.shuffle_tags:  # shuffled tags are encoded as they are drawn
             for j, embedding in enumerate(encode_text([captions.prefix + c for c in _captions(row[caption_column])])):
                 texts[f"{i}.{j}"] = embedding.cpu().contiguous()
-    _atomic_save(images, os.path.join(folder, f"images-{rank:03d}.safetensors"))
-    _atomic_save(texts, os.path.join(folder, f"texts-{rank:03d}.safetensors"))
+    atomic_save_tensors(images, os.path.join(folder, f"images-{rank:03d}.safetensors"))
+    atomic_save_tensors(texts, os.path.join(folder, f"texts-{rank:03d}.safetensors"))
     if accelerator.is_main_process:
-        _atomic_save({"empty": encode_text([""])[0].cpu().contiguous()}, os.path.join(folder, "empty.safetensors"))
+        atomic_save_tensors({"empty": encode_text([""])[0].cpu().contiguous()}, os.path.join(folder, "empty.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # The training grid (height, width in cells) of each row: the square, or the row's bucket.
@@ -140,12 +150,6 @@ def build_cache(folder, dataset, image_column, caption_column, args, encode_imag
         atomic_write_json(os.path.join(folder, MANIFEST), {"format": CACHE_FORMAT, "rows": len(dataset), "shards": world, "grids": grids})
     accelerator.wait_for_everyone()
     return folder
-
-
-def _atomic_save(tensors, path):
-    tmp = path + ".tmp"
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------

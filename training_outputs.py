@@ -19,6 +19,7 @@ from wuerstchen_models import (
     UserError,
     atomic_write_bytes,
     atomic_write_json,
+    lora_config_dict,
     lora_digest,
     output_size_for_training_resolution,
     save_lora_file,
@@ -28,11 +29,6 @@ from wuerstchen_models import (
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE_NAME = "trainer_state.json"
 EMA_WEIGHTS_NAME = "pytorch_lora_weights_ema.safetensors"
-
-
-def lora_config_dict(config):
-    d = config.to_dict()
-    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
 
 
 def list_checkpoints(output_dir):

@@ -273,13 +273,18 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return iter(batches)
 
 
+def caption_list(value):
+    """The non-empty captions of a row's caption value (one string or a list), stripped."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [v.strip() for v in values if isinstance(v, str) and v.strip()]
+
+
 def caption_stats(dataset, caption_column, tokenizer=None):
     """Counts of empty captions and of captions longer than the text encoder's 77 tokens."""
     empty = long = 0
     limit = getattr(tokenizer, "model_max_length", 77)
     for value in dataset[caption_column]:
-        values = value if isinstance(value, (list, tuple)) else [value]
-        texts = [v.strip() for v in values if isinstance(v, str) and v.strip()]
+        texts = caption_list(value)
         empty += not texts
         if tokenizer is not None and texts:
             long += any(len(ids) > limit for ids in tokenizer(texts).input_ids)
@@ -325,8 +330,8 @@ def sample_rng(seed, epoch, index):
 
 def pick_caption(value, rng):
     if isinstance(value, (list, tuple)):
-        value = [v for v in value if isinstance(v, str) and v.strip()]
-        return rng.choice(value).strip() if value else ""
+        choices = caption_list(value)
+        return rng.choice(choices) if choices else ""
     return "" if value is None else str(value).strip()
 
 

@@ -257,21 +257,37 @@ def output_size_for_training_resolution(resolution):
 # LoRA file: written in the layout diffusers' `load_lora_weights` reads, and checked when loaded
 
 
-def atomic_write_bytes(path, data):
-    """Write to a temporary name in the same folder, then rename: readers never see a partial file."""
+@contextlib.contextmanager
+def replaced_atomically(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only when the block completes.
+
+    Readers never see a partial file, and a failure (a full disk, a crash) leaves the previous
+    file as it was and no temporary behind.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def atomic_write_bytes(path, data):
+    with replaced_atomically(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_save_tensors(tensors, path, metadata=None):
+    from safetensors.torch import save_file
+
+    with replaced_atomically(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def save_png(image, path):
@@ -286,7 +302,12 @@ def atomic_write_json(path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def save_lora_file(output_dir, lora_state_dict, lora_config_dict, weight_name=LORA_WEIGHTS_NAME):
+def lora_config_dict(config):
+    """A peft LoraConfig as JSON-ready data (its target-module set becomes a sorted list)."""
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+
+
+def save_lora_file(output_dir, lora_state_dict, config_dict, weight_name=LORA_WEIGHTS_NAME):
     """Write `pytorch_lora_weights.safetensors` through diffusers' own writer.
 
     Keys get the `prior.` prefix the pipeline loader filters on, and the LoRA config goes into the
@@ -297,8 +318,8 @@ def save_lora_file(output_dir, lora_state_dict, lora_config_dict, weight_name=LO
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict.items()}
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-lora-") as tmp:
         kwargs = {"unet_lora_layers": state}
-        if lora_config_dict is not None:
-            kwargs["unet_lora_adapter_metadata"] = lora_config_dict
+        if config_dict is not None:
+            kwargs["unet_lora_adapter_metadata"] = config_dict
         try:
             WuerstchenPriorPipeline.save_lora_weights(tmp, **kwargs)
         except TypeError:  # diffusers older than the metadata argument: alpha must then equal rank
@@ -317,21 +338,11 @@ def save_peft_adapter(folder, lora_state_dict, lora_config):
     The LoRA config also goes into the header, as in the diffusers file, so diffusers'
     `prior.load_lora_adapter(folder, weight_name="adapter_model.safetensors", prefix="base_model.model")`
     restores alpha too."""
-    from safetensors.torch import save_file
-
-    os.makedirs(folder, exist_ok=True)
     state = {f"base_model.model.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict.items()}
-    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_config.to_dict().items()}
+    config = lora_config_dict(lora_config)
     # diffusers keeps the config under keys prefixed like the tensors they belong to.
     header = {"format": "pt", "lora_adapter_metadata": json.dumps({f"base_model.model.{k}": v for k, v in config.items()}, default=str)}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=header)
-        os.replace(tmp, os.path.join(folder, "adapter_model.safetensors"))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_save_tensors(state, os.path.join(folder, "adapter_model.safetensors"), metadata=header)
     atomic_write_json(os.path.join(folder, "adapter_config.json"), {**config, "peft_type": "LORA"})
     return folder
 

@@ -10,8 +10,13 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 import train_wuerstchen_prior_lora as trainer
-from training_outputs import EMA_WEIGHTS_NAME, lora_config_dict
-from wuerstchen_models import LORA_WEIGHTS_NAME, load_prior_components, save_lora_file
+from training_outputs import EMA_WEIGHTS_NAME
+from wuerstchen_models import (
+    LORA_WEIGHTS_NAME,
+    load_prior_components,
+    lora_config_dict,
+    save_lora_file,
+)
 
 
 def variant_args(tiny, *flags):
