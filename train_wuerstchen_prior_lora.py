@@ -510,18 +510,15 @@ def caption_options(args):
     return CaptionOptions(prefix=args.caption_prefix, dropout=args.caption_dropout, shuffle_tags=args.shuffle_tags, keep_tokens=args.keep_tokens)
 
 
-def cached_examples(args, accelerator, dataset, image_encoder, text_encoder, tokenizer, dtype, row_buckets=None):
+def cached_examples(args, accelerator, dataset, encode_image, encode_text, dtype, row_buckets=None):
     """Build (or reuse) the embedding cache and return the dataset that reads from it."""
     from embedding_cache import CachedExamples, build_cache, cache_key
     from wuerstchen_models import resolve_image_encoder_path
 
     root = args.embeddings_cache_dir or os.path.join(args.output_dir, "embeddings_cache")
     folder = os.path.join(root, cache_key(args, dataset, dtype, resolve_image_encoder_path(args.image_encoder)))
-    device = accelerator.device
     build_cache(
-        folder, dataset, args.image_column, args.caption_column, args,
-        encode_image=lambda pixels: encode_images(image_encoder, pixels.to(device, dtype=dtype)),
-        encode_text=lambda captions: encode_text(text_encoder, tokenizer, captions, device),
+        folder, dataset, args.image_column, args.caption_column, args, encode_image, encode_text,
         accelerator=accelerator, captions=caption_options(args), row_buckets=row_buckets,
     )
     raw = dataset[args.caption_column] if args.shuffle_tags else None
@@ -546,15 +543,27 @@ def make_dataloader(args, examples, row_buckets=None):
     return torch.utils.data.DataLoader(examples, batch_sampler=sampler, num_workers=args.dataloader_num_workers), sampler
 
 
-def embed_batch(batch, image_encoder, text_encoder, tokenizer, device, dtype):
+def encoder_functions(run):
+    """EfficientNet and CLIP as functions of pixels and of captions, on the run's device and dtype.
+
+    They look the encoders up in `run` when called, so dropping one from `run` frees it.
+    """
+    device = run.accelerator.device
+    return (
+        lambda pixels: encode_images(run.image_encoder, pixels.to(device, dtype=run.dtype)),
+        lambda captions: encode_text(run.text_encoder, run.tokenizer, captions, device),
+    )
+
+
+def embed_batch(batch, encode_image, encode_text, device):
     """(image embeddings, text embeddings) of a batch: from the cache, or encoded now."""
     if "image_embeddings" in batch:
         image_embeddings = batch["image_embeddings"].to(device)
     else:
-        image_embeddings = encode_images(image_encoder, batch["pixel_values"].to(device, dtype=dtype))
+        image_embeddings = encode_image(batch["pixel_values"])
     if "text_embeddings" in batch:
         return image_embeddings, batch["text_embeddings"].to(device)
-    return image_embeddings, encode_text(text_encoder, tokenizer, batch["caption"], device)
+    return image_embeddings, encode_text(batch["caption"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -607,15 +616,12 @@ def setup(args):
 
     run.dtype = dtype = weight_dtype_for(accelerator)
     prior, run.text_encoder, run.tokenizer, run.scheduler, run.image_encoder = load_frozen_models(args, accelerator.device, dtype)
+    run.encode_image, run.encode_text = encoder_functions(run)
     run.held_out_loss = None
     if held_out is not None:  # encoded now, while the encoders are on the device
-        run.held_out_loss = HeldOutLoss(
-            held_out, args.image_column, args.caption_column, args,
-            encode_image=lambda pixels: encode_images(run.image_encoder, pixels.to(accelerator.device, dtype=dtype)),
-            encode_text=lambda captions: encode_text(run.text_encoder, run.tokenizer, captions, accelerator.device),
-        )
+        run.held_out_loss = HeldOutLoss(held_out, args.image_column, args.caption_column, args, run.encode_image, run.encode_text)
     if args.cache_embeddings:
-        examples = cached_examples(args, accelerator, dataset, run.image_encoder, run.text_encoder, run.tokenizer, dtype, row_buckets)
+        examples = cached_examples(args, accelerator, dataset, run.encode_image, run.encode_text, dtype, row_buckets)
         # The encoders are done: EfficientNet goes; CLIP waits on the CPU for validation prompts,
         # unless shuffled tags need it every step.
         run.image_encoder = None
@@ -674,7 +680,7 @@ def training_step(run, batch, epoch, batch_index):
     args, accelerator = run.args, run.accelerator
     torch.manual_seed(step_seed(args.seed, epoch, batch_index, accelerator.process_index))
     with accelerator.accumulate(run.prior):
-        image_embeddings, text_embeddings = embed_batch(batch, run.image_encoder, run.text_encoder, run.tokenizer, accelerator.device, run.dtype)
+        image_embeddings, text_embeddings = embed_batch(batch, run.encode_image, run.encode_text, accelerator.device)
         noise, timesteps = sample_noise(batch["noise_seed"], image_embeddings.shape[1:], accelerator.device, args.noise_offset)
         loss = compute_loss(run.prior, run.scheduler, image_embeddings, text_embeddings, noise, timesteps, args.loss_weighting, args.snr_gamma)
         accelerator.backward(loss)
