@@ -314,52 +314,12 @@ def counted_flops(fn):
 # Models and data for the trainer runs
 
 
-def make_text_encoder(path, tokenizer, cfg, seed):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        projection_dim=cfg["hidden_size"],
-        max_position_embeddings=TOKENS,
-        hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **cfg,
-    )
-    torch.manual_seed(seed)
-    model = CLIPTextModel(config).eval()
-    model.save_pretrained(str(path))
-    return model
-
-
 def make_scaled_prior_repo(path, seed=0):
-    """A repo laid out like warp-ai/wuerstchen-prior (and like tools/make_tiny_models.make_prior_repo),
-    with the scaled prior and a scaled CLIP text encoder (hidden = c_cond)."""
-    import diffusers
-    from diffusers import DDPMWuerstchenScheduler
+    """A repo laid out like warp-ai/wuerstchen-prior (tools/make_tiny_models.make_prior_repo), with
+    the scaled prior and a scaled CLIP text encoder (hidden = c_cond)."""
+    from tools.make_tiny_models import make_prior_repo
 
-    from tools.make_tiny_models import build_tokenizer
-
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    build_prior(SCALED_PRIOR, seed=seed).save_pretrained(str(root / "prior"))
-    tokenizer = build_tokenizer(root / "tokenizer")
-    make_text_encoder(root / "text_encoder", tokenizer, SCALED_TEXT, seed + 1)
-    DDPMWuerstchenScheduler().save_pretrained(str(root / "scheduler"))
-    index = {
-        "_class_name": "WuerstchenPriorPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "latent_mean": 42.0,
-        "latent_std": 1.0,
-        "resolution_multiple": 42.67,
-        "prior": ["wuerstchen", "WuerstchenPrior"],
-        "scheduler": ["diffusers", "DDPMWuerstchenScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-    }
-    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return str(root)
+    return make_prior_repo(path, seed=seed, prior=build_prior(SCALED_PRIOR, seed=seed), text_encoder=SCALED_TEXT)
 
 
 def build_workdir(workdir, n_images, seed=0):

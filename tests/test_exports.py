@@ -5,7 +5,12 @@ from conftest import prior_output
 from diffusers import WuerstchenPriorPipeline
 
 import infer
-from wuerstchen_models import LORA_WEIGHTS_NAME, PEFT_ADAPTER_DIR, WuerstchenPrior, load_prior_components
+from wuerstchen_models import (
+    LORA_WEIGHTS_NAME,
+    PEFT_ADAPTER_DIR,
+    WuerstchenPrior,
+    load_prior_components,
+)
 
 
 def with_diffusers_lora(tiny, trained):

@@ -130,7 +130,11 @@ def _wuerstchen_classes():
             WuerstchenPrior,
         )
     except ImportError:  # older diffusers
-        from diffusers.pipelines.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
+        from diffusers.pipelines.wuerstchen import (
+            PaellaVQModel,
+            WuerstchenDiffNeXt,
+            WuerstchenPrior,
+        )
     return WuerstchenPrior, WuerstchenDiffNeXt, PaellaVQModel
 
 
@@ -238,17 +242,17 @@ def build_tokenizer(path=None):
     return tok
 
 
-def _make_text_encoder(path, hidden, seed):
+def _make_text_encoder(path, hidden, seed, num_hidden_layers=2, num_attention_heads=2, intermediate_size=None):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     vocab, _ = _tokenizer_vocab_and_merges()
     config = CLIPTextConfig(
         vocab_size=len(vocab),
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
+        intermediate_size=intermediate_size or hidden * 2,
         projection_dim=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
         max_position_embeddings=77,
         hidden_act="gelu",
         bos_token_id=vocab[BOS],
@@ -273,23 +277,30 @@ def _write_model_index(path, data):
 # --------------------------------------------------------------------------------------
 # repos
 # --------------------------------------------------------------------------------------
-def make_prior_repo(path, seed=0) -> str:
-    """Write a tiny repo laid out like ``warp-ai/wuerstchen-prior``; returns ``path``."""
+def make_prior_repo(path, seed=0, prior=None, text_encoder=None) -> str:
+    """Write a repo laid out like ``warp-ai/wuerstchen-prior``; returns ``path``.
+
+    By default the tiny prior and text encoder; ``prior`` (a built WuerstchenPrior) and
+    ``text_encoder`` (CLIP sizes: hidden_size, num_hidden_layers, num_attention_heads,
+    intermediate_size) give other sizes, as the benchmark's scaled prior.
+    """
     WuerstchenPrior, _, _ = _wuerstchen_classes()
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
 
-    with _seeded(seed):
-        prior = WuerstchenPrior(**PRIOR_CONFIG)
-        _fill_zero_params(prior)
-        # The output is (x - a) / |1 - b|: with default init some b land near 1 and the
-        # prediction (and every gradient) explodes.  Trained priors have small a, b; do the same.
-        with torch.no_grad():
-            prior.out[1].weight.normal_(0.0, 0.02)
-            prior.out[1].bias.zero_()
+    if prior is None:
+        with _seeded(seed):
+            prior = WuerstchenPrior(**PRIOR_CONFIG)
+            _fill_zero_params(prior)
+            # The output is (x - a) / |1 - b|: with default init some b land near 1 and the
+            # prediction (and every gradient) explodes.  Trained priors have small a, b; do the same.
+            with torch.no_grad():
+                prior.out[1].weight.normal_(0.0, 0.02)
+                prior.out[1].bias.zero_()
     prior.save_pretrained(str(root / "prior"))
 
-    _make_text_encoder(root / "text_encoder", PRIOR_TEXT_ENCODER_HIDDEN, seed + 1)
+    sizes = dict(text_encoder or {"hidden_size": PRIOR_TEXT_ENCODER_HIDDEN})
+    _make_text_encoder(root / "text_encoder", sizes.pop("hidden_size"), seed + 1, **sizes)
     build_tokenizer(root / "tokenizer")
     _scheduler_class()().save_pretrained(str(root / "scheduler"))
 
