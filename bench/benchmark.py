@@ -21,7 +21,8 @@ It prints
     and uncached / cached;
   * where a cached step of the real trainer goes (its main() run with timers): forward, backward,
     optimiser, and the loop's own overhead;
-  * peak memory of LoRA training versus full fine-tuning (each in a fresh subprocess, peak RSS);
+  * peak memory of LoRA training versus full fine-tuning (each in a fresh subprocess): peak live tensor
+    bytes (from the allocator events) and peak RSS, in fp32 and in bf16 mixed precision;
   * trainable-parameter counts for the scaled and the real prior (real one built on the meta device);
   * prior forward latency: base, unmerged LoRA, fused LoRA.
 
@@ -616,6 +617,15 @@ def windows(stamps, first, last, width):
 
 # ----------------------------------------------------------------------------------------------
 # 3. Peak memory, LoRA versus full fine-tuning (each in a fresh process)
+#
+# Two measures. The headline one is the peak of live tensor bytes, the CPU counterpart of
+# torch.cuda.max_memory_allocated: the profiler's memory events (every allocation and free the CPU
+# allocator makes, with its size) summed in time order. The other is the process's peak RSS, which
+# also counts what glibc keeps after a free: its mmap threshold rises to the size of the largest
+# freed block, so later blocks of that size come from the heap and stay resident after they are
+# freed. That is allocator slack, not memory training needs, and it differs between runs.
+
+MEMORY_PRECISIONS = ("fp32", "bf16")
 
 
 def rss_kb(field):
@@ -636,10 +646,32 @@ def reset_peak_rss():
         return False
 
 
-def memory_probe(kind, gradient_checkpointing, threads, steps=3):
-    """Runs in its own process: peak RSS increase of `steps` training steps over the RSS once the
-    prior, its optimiser and the batch exist. A tiny model trains first so that the library code and
-    kernels it pages in are not counted."""
+def peak_tensor_bytes(fn):
+    """Runs fn() under the profiler; returns (peak, end): the most tensor bytes live at any moment
+    above those live at the start, and the bytes still live at the end. PyTorch keeps no allocation
+    statistics for the CPU (torch.cuda.max_memory_allocated has no CPU twin), so they are summed from
+    the profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak, live
+
+
+def memory_probe(kind, gradient_checkpointing, threads, precision="fp32", steps=3):
+    """Runs in its own process. Sets the scaled prior up for LoRA or full fine-tuning as the trainer
+    would at `precision`, trains `steps` steps on one batch and reports the peak memory above what
+    exists before the first step (prior, batch; the AdamW state appears at the first step).
+
+    precision "bf16" is mixed precision as the trainer runs it on a GPU: LoRA keeps the frozen prior in
+    bf16 and its own weights in fp32; full fine-tuning keeps fp32 master weights (nothing is frozen
+    to cast); both run the forward under bf16 autocast. A tiny model trains first so that the
+    library code and kernels it pages in are not counted."""
     from diffusers import DDPMWuerstchenScheduler
 
     import train_wuerstchen_prior_lora as T
@@ -647,49 +679,82 @@ def memory_probe(kind, gradient_checkpointing, threads, steps=3):
 
     torch.set_num_threads(threads)
     scheduler = DDPMWuerstchenScheduler()
+    half = precision == "bf16"
 
-    def train(cfg, batch, grid, n):
+    def setup(cfg, batch, grid):
         prior = build_prior(cfg)
         use_sdpa_attention(prior)
+        if half and kind == "lora":
+            prior.to(torch.bfloat16)  # the trainer's load_frozen_models; add_lora puts the LoRA weights back in fp32
         params = setup_training(prior, kind, CPU_RANK, gradient_checkpointing)
-        optimizer = make_optimizer(params)
-        emb, text = fixed_batch(batch, grid, cfg["c_cond"])
-        gc.collect()
-        base = rss_kb("VmRSS")
-        clean = reset_peak_rss()
-        for _ in range(n):
-            T.compute_loss(prior, scheduler, emb, text).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        # VmHWM is the peak that clear_refs resets; ru_maxrss also folds in the peak of exited threads'
-        # time (signal_struct maxrss), which no reset clears: report both, use VmHWM when reset worked.
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak = rss_kb("VmHWM") if clean else maxrss
-        weights = sum(p.numel() * p.element_size() for p in prior.parameters())
-        trainable = sum(p.numel() for p in params)
-        return {"base_kb": base, "peak_kb": peak, "increase_kb": peak - base, "weights_bytes": weights, "trainable": trainable, "peak_reset": clean, "ru_maxrss_kb": maxrss}
+        emb, text = fixed_batch(batch, grid, cfg["c_cond"], text_dtype=torch.bfloat16 if half and kind == "lora" else torch.float32)
+        return prior, params, make_optimizer(params), emb, text
 
-    train(dict(SCALED_PRIOR, c=48, depth=1), 2, 4, 2)  # warm-up: page in code and kernels
+    def steps_fn(prior, optimizer, emb, text, n):
+        def run():
+            for _ in range(n):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+                    loss = T.compute_loss(prior, scheduler, emb, text)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        return run
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    with contextlib.redirect_stderr(open(os.devnull, "w")):  # diffusers warns about .to(bf16) on a model
+        prior, params, optimizer, emb, text = setup(dict(SCALED_PRIOR, c=48, depth=1), 2, 4)
+    steps_fn(prior, optimizer, emb, text, 2)()  # warm-up: page in code and kernels
+    del prior, params, optimizer, emb, text
+
+    # Pass 1, peak RSS (no profiler running: its event buffers would count).
+    with contextlib.redirect_stderr(open(os.devnull, "w")):
+        prior, params, optimizer, emb, text = setup(SCALED_PRIOR, CPU_BATCH, CPU_RES // 32)
     gc.collect()
-    out = train(SCALED_PRIOR, CPU_BATCH, CPU_RES // 32, steps)
+    base = rss_kb("VmRSS")
+    clean = reset_peak_rss()
+    steps_fn(prior, optimizer, emb, text, steps)()
+    # VmHWM is the peak that clear_refs resets; ru_maxrss also folds in the peak of exited threads'
+    # time (signal_struct maxrss), which no reset clears: use VmHWM when the reset worked.
+    peak_rss = rss_kb("VmHWM") if clean else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    del prior, params, optimizer, emb, text
+    gc.collect()
+
+    # Pass 2, live tensor bytes, on a fresh prior and optimiser.
+    with contextlib.redirect_stderr(open(os.devnull, "w")):
+        prior, params, optimizer, emb, text = setup(SCALED_PRIOR, CPU_BATCH, CPU_RES // 32)
+    gc.collect()
+    start = nbytes(prior.parameters()) + nbytes(prior.buffers()) + emb.nbytes + text.nbytes
+    peak, end = peak_tensor_bytes(steps_fn(prior, optimizer, emb, text, steps))
+    trainable = sum(p.numel() for p in params)
+    state = nbytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    out = {
+        "kind": kind, "gc": gradient_checkpointing, "precision": precision, "trainable": trainable,
+        "weights_bytes": nbytes(prior.parameters()), "start_bytes": start, "peak_increase_bytes": peak, "peak_total_bytes": start + peak,
+        "end_increase_bytes": end, "optimizer_state_bytes": state,
+        "rss_increase_kb": peak_rss - base, "rss_base_kb": base, "rss_peak_reset": clean,
+    }  # fmt: skip
     print("MEMORY_PROBE " + json.dumps(out), flush=True)
 
 
 def measure_memory(args):
-    variants = [("lora", False), ("full", False)]
-    if not args.no_checkpointing_memory:
-        variants += [("lora", True), ("full", True)]
+    variants = [(kind, gc_on, prec) for prec in MEMORY_PRECISIONS for gc_on in ((False,) if args.no_checkpointing_memory else (False, True)) for kind in ("lora", "full")]
     results = {}
-    for kind, gc_on in variants:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory_probe", kind, "--threads", str(args.threads)]
+    for kind, gc_on, prec in variants:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory_probe", kind, "--_memory_precision", prec, "--threads", str(args.threads)]
         if gc_on:
             cmd.append("--gradient_checkpointing")
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=script_env(args.threads), cwd=str(ROOT), timeout=1200)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("MEMORY_PROBE ")), None)
         if proc.returncode != 0 or line is None:
-            raise RuntimeError(f"memory probe {kind} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        results[(kind, gc_on)] = json.loads(line[len("MEMORY_PROBE ") :])
-        log(f"  memory {kind}{' +GC' if gc_on else ''}: +{results[(kind, gc_on)]['increase_kb'] / 1024:.1f} MiB {line}")
+            raise RuntimeError(f"memory probe {kind} {prec} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        r = results[(kind, gc_on, prec)] = json.loads(line[len("MEMORY_PROBE ") :])
+        # A check that the events were all seen: what is still live after the steps is the AdamW state.
+        if abs(r["end_increase_bytes"] - r["optimizer_state_bytes"]) > 2**20:
+            raise RuntimeError(f"memory probe {kind} {prec}: {r['end_increase_bytes']} bytes live after the steps, but the AdamW state is {r['optimizer_state_bytes']}: the allocation events are incomplete")
+        log(f"  memory {kind} {prec}{' +GC' if gc_on else ''}: peak tensors +{r['peak_increase_bytes'] / 2**20:.1f} MiB (total {r['peak_total_bytes'] / 2**20:.1f} MiB), RSS +{r['rss_increase_kb'] / 1024:.1f} MiB")
     return results
 
 
@@ -1007,16 +1072,25 @@ def print_cpu_results(args, flags, loop, floor, memory, latency, extra, breakdow
         core = t["forward"] + t["backward"] + t["optimizer"]
         print(f"| {breakdown['mode']} loop, step time / (prior fwd + bwd + optimizer) in the same steps | {t['step'] / core:.3f} x | | |")
     if memory:
-        lo, fu = memory[("lora", False)], memory[("full", False)]
-        ratio = lo["increase_kb"] / fu["increase_kb"]
-        ok = ratio <= TARGETS["memory_fraction"]
+
+        def ratio(field, gc_on, prec):
+            lo, fu = memory.get(("lora", gc_on, prec)), memory.get(("full", gc_on, prec))
+            return lo[field] / fu[field] if lo and fu else None
+
+        r = ratio("peak_total_bytes", False, "bf16")
+        ok = r <= TARGETS["memory_fraction"]
         targets.append(ok)
-        print(f"| peak training memory LoRA / full (RSS increase) | {ratio:.3f} | <= 0.333 | {verdict(ok)} |")
-        tot = (lo["increase_kb"] * 1024 + lo["weights_bytes"]) / (fu["increase_kb"] * 1024 + fu["weights_bytes"])
-        print(f"| same, weights included | {tot:.3f} | | |")
-        if ("lora", True) in memory:
-            lo, fu = memory[("lora", True)], memory[("full", True)]
-            print(f"| same, both with gradient checkpointing (RSS increase) | {lo['increase_kb'] / fu['increase_kb']:.3f} | (not counted) | |")
+        print(f"| peak memory LoRA / full fine-tuning, bf16 mixed precision as trained (live tensors, weights included) | {r:.3f} | <= 0.333 | {verdict(ok)} |")
+        rows = [
+            ("same, fp32 (weights included)", "peak_total_bytes", False, "fp32"),
+            ("same, fp32, memory training adds above the loaded prior", "peak_increase_bytes", False, "fp32"),
+            ("same, fp32, peak RSS increase (with glibc's heap slack)", "rss_increase_kb", False, "fp32"),
+            ("same, bf16, both with gradient checkpointing (weights included)", "peak_total_bytes", True, "bf16"),
+        ]
+        for label, field, gc_on, prec in rows:
+            x = ratio(field, gc_on, prec)
+            if x is not None:
+                print(f"| {label} | {x:.3f} | (not judged) | |")
     if latency:
         m = latency["median"]
         ok = m["fused LoRA"] / m["base"] <= TARGETS["fused_latency"]
@@ -1058,18 +1132,27 @@ def print_cpu_results(args, flags, loop, floor, memory, latency, extra, breakdow
             print(f"| {label} | {1000 * t[key] / n:.1f} | {1000 * m[key]:.1f} | {100 * t[key] / t['step']:.1f} % |")
         print(f"| whole step | {1000 * t['step'] / n:.1f} | {1000 * m['step']:.1f} | 100 % |")
     if memory:
-        print("\n## Peak memory of training (CPU, fresh process each; peak RSS over the RSS once prior, optimiser and batch exist; 3 steps)\n")
-        print("| setting | trainable params | weights | peak increase | weights + increase | grads + AdamW state (computed) |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
-        for (kind, gc_on), r in memory.items():
-            name = (f"LoRA r{CPU_RANK}" if kind == "lora" else "full fine-tuning (AdamW)") + (" + grad ckpt" if gc_on else "")
-            note = "" if r["peak_reset"] else " (peak not reset)"
-            state = 3 * 4 * r["trainable"]  # fp32 gradient + exp_avg + exp_avg_sq
+        print(
+            f"\n## Peak memory of training (CPU, a fresh process per row, {CPU_BATCH} images at {CPU_RES} px, 3 steps of AdamW)\n\n"
+            "Live tensors: the most tensor bytes live at once, summed from the allocator's events (the CPU twin of "
+            "torch.cuda.max_memory_allocated); 'total' adds what was live before the first step (weights, batch). "
+            "RSS: the process's peak resident memory above the same point, which also holds freed blocks glibc keeps. "
+            "bf16 = mixed precision as the trainer runs it: LoRA over a frozen bf16 prior, full fine-tuning with fp32 master weights, both under bf16 autocast.\n"
+        )
+        print("| setting | precision | trainable params | weights | peak above start | peak total | RSS increase | AdamW state |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for (kind, gc_on, prec), r in memory.items():
+            name = (f"LoRA r{CPU_RANK}" if kind == "lora" else "full fine-tuning") + (" + grad ckpt" if gc_on else "")
+            note = "" if r["rss_peak_reset"] else " (peak not reset)"
             print(
-                f"| {name} | {r['trainable']:,} | {r['weights_bytes'] / 2**20:.1f} MiB | {r['increase_kb'] / 1024:.1f} MiB{note} | "
-                f"{(r['weights_bytes'] + r['increase_kb'] * 1024) / 2**20:.1f} MiB | {state / 2**20:.1f} MiB |"
+                f"| {name} | {prec} | {r['trainable']:,} | {r['weights_bytes'] / 2**20:.1f} MiB | {r['peak_increase_bytes'] / 2**20:.1f} MiB | "
+                f"{r['peak_total_bytes'] / 2**20:.1f} MiB | {r['rss_increase_kb'] / 1024:.1f} MiB{note} | {r['optimizer_state_bytes'] / 2**20:.1f} MiB |"
             )
-        print("The rest of the increase is activations kept for the backward pass (and allocator slack): at this size they outweigh the weights.")
+        print(
+            "Full fine-tuning adds fp32 gradients and two AdamW moments per weight; LoRA adds them only for its own weights, and PyTorch "
+            "saves no inputs for the frozen layers' weight gradients. At this size activations are a large share of both, so the fp32 "
+            "ratio with weights included stays far above the real prior's, where weights and optimiser state dominate."
+        )
     if latency:
         print_latency(latency, f"scaled prior, batch {CPU_BATCH}, {CPU_RES // 32}x{CPU_RES // 32} grid, fp32")
     if targets:
@@ -1162,12 +1245,13 @@ def main(argv=None):
     g.add_argument("--smoke_device_path", action="store_true", help="run the --device cuda code path on the CPU with a tiny prior (a check, not a figure)")
     p.add_argument("--breakdown_steps", type=int, default=40, help="steps timed part by part in the loop breakdown (after --n1 warm-up steps)")
     p.add_argument("--_memory_probe", choices=["lora", "full"], help=argparse.SUPPRESS)
+    p.add_argument("--_memory_precision", choices=MEMORY_PRECISIONS, default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--_loop_probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     if args._memory_probe:
-        memory_probe(args._memory_probe, args.gradient_checkpointing, args.threads)
+        memory_probe(args._memory_probe, args.gradient_checkpointing, args.threads, args._memory_precision)
         return 0
     if args._loop_probe:
         loop_probe(json.loads(args._loop_probe), args.n1)
