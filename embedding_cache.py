@@ -116,10 +116,57 @@ def _captions(value):
     return caption_list(value) or [""]
 
 
+class _RowsToEncode(torch.utils.data.Dataset):
+    """This process's rows as (index, pixels, flipped pixels or None, captions): decoded and resized in
+    DataLoader workers while the encoders run on earlier batches."""
+
+    def __init__(self, dataset, indices, image_column, caption_column, args, captions, row_buckets):
+        self.dataset, self.indices = dataset, list(indices)
+        self.image_column, self.caption_column = image_column, caption_column
+        self.resolution, self.center_crop, self.random_flip = args.resolution, args.center_crop, args.random_flip
+        self.captions, self.row_buckets = captions, row_buckets
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        i = self.indices[k]
+        row = self.dataset[i]
+        image = image_for_cache(row[self.image_column], self.resolution, self.center_crop, self.row_buckets[i] if self.row_buckets else None)
+        flipped = _pixels(TF.hflip(image))[0] if self.random_flip else None
+        texts = None if self.captions.shuffle_tags else [self.captions.prefix + c for c in _captions(row[self.caption_column])]
+        return i, _pixels(image)[0], flipped, texts
+
+
+def _encode_batch(items, encode_image, encode_text, images, texts):
+    """Encode a list of decoded rows: images of one size in one EfficientNet call (flips alongside),
+    every caption of the batch in one CLIP call. Buckets and random-crop mode give mixed sizes."""
+    by_size = {}
+    for item in items:
+        by_size.setdefault(tuple(item[1].shape), []).append(item)
+    for group in by_size.values():
+        pixels = [item[1] for item in group]
+        names = [str(item[0]) for item in group]
+        if group[0][2] is not None:
+            pixels += [item[2] for item in group]
+            names += [f"{item[0]}.flip" for item in group]
+        for name, embedding in zip(names, encode_image(torch.stack(pixels))):
+            images[name] = embedding.cpu().contiguous()
+    names, captions = [], []
+    for i, _, _, row_captions in items:
+        for j, caption in enumerate(row_captions or []):
+            names.append(f"{i}.{j}")
+            captions.append(caption)
+    if captions:
+        for name, embedding in zip(names, encode_text(captions)):
+            texts[name] = embedding.cpu().contiguous()
+
+
 def build_cache(folder, dataset, image_column, caption_column, args, encode_image, encode_text, accelerator, captions=CaptionOptions(), row_buckets=None):
     """Encode this process's share of the dataset into `folder` (once), then wait for the others.
 
-    encode_image(pixels [1,3,H,W]) -> [1,16,h,w]; encode_text(list of str) -> [n,77,d].
+    encode_image(pixels [n,3,H,W]) -> [n,16,h,w]; encode_text(list of str) -> [n,77,d]. Rows are
+    decoded by `args.dataloader_num_workers` workers and encoded `args.cache_batch_size` at a time.
     """
     from tqdm.auto import tqdm
 
@@ -129,16 +176,12 @@ def build_cache(folder, dataset, image_column, caption_column, args, encode_imag
         return folder
     os.makedirs(folder, exist_ok=True)
     images, texts = {}, {}
-    indices = range(rank, len(dataset), world)
-    for i in tqdm(indices, desc="caching embeddings", disable=not accelerator.is_local_main_process):
-        row = dataset[i]
-        image = image_for_cache(row[image_column], args.resolution, args.center_crop, row_buckets[i] if row_buckets else None)
-        images[str(i)] = encode_image(_pixels(image))[0].cpu().contiguous()
-        if args.random_flip:
-            images[f"{i}.flip"] = encode_image(_pixels(TF.hflip(image)))[0].cpu().contiguous()
-        if not captions.shuffle_tags:  # shuffled tags are encoded as they are drawn
-            for j, embedding in enumerate(encode_text([captions.prefix + c for c in _captions(row[caption_column])])):
-                texts[f"{i}.{j}"] = embedding.cpu().contiguous()
+    rows = _RowsToEncode(dataset, range(rank, len(dataset), world), image_column, caption_column, args, captions, row_buckets)
+    loader = torch.utils.data.DataLoader(rows, batch_size=args.cache_batch_size, num_workers=args.dataloader_num_workers, collate_fn=list)
+    with tqdm(total=len(rows), desc="caching embeddings", disable=not accelerator.is_local_main_process) as bar:
+        for items in loader:
+            _encode_batch(items, encode_image, encode_text, images, texts)
+            bar.update(len(items))
     atomic_save_tensors(images, os.path.join(folder, f"images-{rank:03d}.safetensors"))
     atomic_save_tensors(texts, os.path.join(folder, f"texts-{rank:03d}.safetensors"))
     if accelerator.is_main_process:

@@ -103,6 +103,7 @@ def parse_args(argv=None):
     cache.add_argument("--cache_embeddings", dest="cache_embeddings", action="store_true", default=True, help="encode images and captions once and train from the cache (default; see embedding_cache.py for random crops)")
     cache.add_argument("--no_cache_embeddings", dest="cache_embeddings", action="store_false", help="run EfficientNet and CLIP on every step (pixel-exact random crops)")
     g.add_argument("--embeddings_cache_dir", default=None, help="where the cache lives (default: OUTPUT_DIR/embeddings_cache); share one between runs")
+    g.add_argument("--cache_batch_size", type=int, default=8, help="images encoded per EfficientNet call while the cache is built (images of one size go together); lower it if caching runs out of memory")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--seed", type=int, default=42, help="seed for data order, augmentation, noise and timesteps")
@@ -158,7 +159,7 @@ def check_args(args):
         raise UserError(f"--caption_dropout is a probability in [0, 1) (got {args.caption_dropout:g})")
     if args.keep_tokens < 0 or (args.keep_tokens and not args.shuffle_tags):
         raise UserError("--keep_tokens N (N >= 0) only means something with --shuffle_tags")
-    positive = ["repeats", "rank", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "resolution", "learning_rate", "max_nonfinite_steps", "validation_steps"]
+    positive = ["repeats", "rank", "train_batch_size", "cache_batch_size", "gradient_accumulation_steps", "num_train_epochs", "resolution", "learning_rate", "max_nonfinite_steps", "validation_steps"]
     for name in positive + ["max_train_steps", "max_train_samples", "checkpoints_total_limit", "lora_alpha"]:
         value = getattr(args, name)
         if value is not None and value <= 0:

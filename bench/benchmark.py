@@ -616,6 +616,39 @@ def windows(stamps, first, last, width):
 
 
 # ----------------------------------------------------------------------------------------------
+# 2b. Building the embedding cache: one image per EfficientNet call versus batches
+
+
+def measure_cache_build(paths, args, batch_sizes=(1, 8), repeats=2):
+    """Seconds per image of the trainer's build_cache over the benchmark's images (centre crop, no
+    flip) for each --cache_batch_size, alternating the sizes; the fastest of `repeats` builds counts."""
+    from accelerate import Accelerator
+
+    import train_wuerstchen_prior_lora as T
+    from embedding_cache import build_cache
+    from wuerstchen_data import load_training_dataset
+    from wuerstchen_models import load_image_encoder, load_prior_components
+
+    _, text_encoder, tokenizer, _ = load_prior_components(paths["prior"])
+    image_encoder = load_image_encoder(paths["image_encoder"]).eval()
+    dataset, image_column, caption_column = load_training_dataset(paths["dataset"])
+    accelerator = Accelerator(cpu=True)
+    encode_image = lambda pixels: T.encode_images(image_encoder, pixels)  # noqa: E731
+    encode_text = lambda captions: T.encode_text(text_encoder, tokenizer, captions, "cpu")  # noqa: E731
+    times = {b: [] for b in batch_sizes}
+    with tempfile.TemporaryDirectory(prefix="cache-build-") as tmp, torch.no_grad():
+        for r in range(repeats):
+            for b in batch_sizes:
+                cache_args = T.parse_args(["--dataset", paths["dataset"], "--resolution", str(CPU_RES), "--center_crop", "--cache_batch_size", str(b)])
+                with ForeignLoad() as fl, contextlib.redirect_stderr(open(os.devnull, "w")):  # no progress bar
+                    t0 = time.perf_counter()
+                    build_cache(os.path.join(tmp, f"{b}-{r}"), dataset, image_column, caption_column, cache_args, encode_image, encode_text, accelerator)
+                    times[b].append((time.perf_counter() - t0) / len(dataset))
+                log(f"  cache build, batch {b}: {times[b][-1]:.3f} s/image (foreign load {fl.cores:.2f} cores)")
+    return {"s_per_image": {b: min(v) for b, v in times.items()}, "images": len(dataset)}
+
+
+# ----------------------------------------------------------------------------------------------
 # 3. Peak memory, LoRA versus full fine-tuning (each in a fresh process)
 #
 # Two measures. The headline one is the peak of live tensor bytes, the CPU counterpart of
@@ -1015,7 +1048,7 @@ def print_latency(lat, what):
     print(f"check: |unmerged - base| / |base| = {c['lora_vs_base']:.2e} (the LoRA does something), |fused - unmerged| / |unmerged| = {c['fused_vs_unmerged']:.2e} (fusing keeps it); foreign load during timing {lat['foreign_load']:.2f} cores")
 
 
-def print_cpu_results(args, flags, loop, floor, memory, latency, extra, breakdown=None):
+def print_cpu_results(args, flags, loop, floor, memory, latency, extra, breakdown=None, cache_build=None):
     targets = []
     print(f"\n## CPU figures: scaled prior ({fmt_cfg(SCALED_PRIOR)}, c_r 64, {count_params(SCALED_PRIOR)[0] / 1e6:.2f} M params), {CPU_RES} px ({CPU_RES // 32}x{CPU_RES // 32} grid), batch {CPU_BATCH}, LoRA r{CPU_RANK}, fp32\n")
     print(
@@ -1071,6 +1104,11 @@ def print_cpu_results(args, flags, loop, floor, memory, latency, extra, breakdow
         t = breakdown["totals"]
         core = t["forward"] + t["backward"] + t["optimizer"]
         print(f"| {breakdown['mode']} loop, step time / (prior fwd + bwd + optimizer) in the same steps | {t['step'] / core:.3f} x | | |")
+    if cache_build:
+        per = cache_build["s_per_image"]
+        one, many = per[min(per)], per[max(per)]
+        print(f"| building the embedding cache, 1 image per call (s/image) | {one:.3f} | | |")
+        print(f"| same, --cache_batch_size {max(per)} (s/image) | {many:.3f} | | |")
     if memory:
 
         def ratio(field, gc_on, prec):
@@ -1225,7 +1263,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: scaled prior figures; cuda: the real prior on a GPU")
     p.add_argument("--threads", type=int, default=1, help="torch threads here and OMP/MKL threads of the subprocesses (default 1: robust on a shared machine; with N threads and another busy process, OpenMP timings swing by 10x)")
-    p.add_argument("--only", default="loop,floor,breakdown,memory,latency,flops,params", help="comma-separated CPU sections: loop, floor, breakdown, memory, latency, flops, params")
+    p.add_argument("--only", default="loop,floor,breakdown,cache,memory,latency,flops,params", help="comma-separated CPU sections: loop, floor, breakdown, cache, memory, latency, flops, params")
     p.add_argument("--workdir", default=None, help="where the models and images are built (kept, and reused if complete); default: a temporary folder")
     p.add_argument("--n_images", type=int, default=32)
     p.add_argument("--n1", type=int, default=5, help="steps of the short trainer run")
@@ -1285,7 +1323,7 @@ def main(argv=None):
         return 0
 
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
-    unknown = sections - {"loop", "floor", "breakdown", "memory", "params", "latency", "flops"}
+    unknown = sections - {"loop", "floor", "breakdown", "cache", "memory", "params", "latency", "flops"}
     if unknown:
         p.error(f"--only: unknown sections {sorted(unknown)}")
     t_start = time.perf_counter()
@@ -1299,7 +1337,7 @@ def main(argv=None):
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wuerstchen-bench-")))
         scratch = workdir / "runs"
         scratch.mkdir(exist_ok=True)
-        need_models = sections & {"loop", "floor", "breakdown", "flops"}
+        need_models = sections & {"loop", "floor", "breakdown", "cache", "flops"}
         paths = build_workdir(workdir, args.n_images) if need_models else None
 
         loop = floor = memory = latency = extra = None
@@ -1320,6 +1358,10 @@ def main(argv=None):
         if "breakdown" in sections:
             log("loop breakdown (the trainer's main() in a subprocess, with timers)")
             breakdown = measure_breakdown(paths, args, flags, scratch)
+        cache_build = None
+        if "cache" in sections:
+            log("building the embedding cache, one image per call and batched")
+            cache_build = measure_cache_build(paths, args)
         if "memory" in sections:
             log("peak memory (subprocesses)")
             memory = measure_memory(args)
@@ -1328,7 +1370,7 @@ def main(argv=None):
             latency = measure_latency(SCALED_PRIOR, "cpu", torch.float32, CPU_BATCH, CPU_RES // 32, CPU_RANK, args.latency_repeats)
         if "flops" in sections:
             extra = extra_flops(paths)
-        print_cpu_results(args, flags, loop, floor, memory, latency, extra, breakdown)
+        print_cpu_results(args, flags, loop, floor, memory, latency, extra, breakdown, cache_build)
         if "params" in sections:
             print_params()
     print(f"\ntotal benchmark time {time.perf_counter() - t_start:.0f} s; load average at end {loadavg():.2f}")

@@ -89,6 +89,39 @@ def test_random_crop_mode_stores_whole_images_and_crops_windows(tiny, encoders, 
     assert len(windows) > 1, "the crop window never moved"
 
 
+def test_batched_cache_build_matches_one_at_a_time(tiny, encoders, tmp_path):
+    """Images of several sizes (random-crop mode keeps each whole) and flips, decoded by a worker and
+    encoded 3 at a time, give the same cache as one image per call."""
+    from safetensors.torch import load_file
+
+    mixed = make_image_dataset(tmp_path / "mixed", "imagefolder_jsonl", n=7, mixed_modes=True)
+    encode_image, encode_text = encoders
+    calls = []
+
+    def counting(pixels):
+        calls.append(tuple(pixels.shape))
+        return encode_image(pixels)
+
+    built = {}
+    for name, batch, workers in (("single", 1, 0), ("batched", 3, 1)):
+        args = cache_args(tiny, dataset=mixed, center_crop=False, random_flip=True, cache_batch_size=batch, dataloader_num_workers=workers)
+        dataset, image_column, caption_column = load_training_dataset(args.dataset)
+        calls.clear()
+        build_cache(str(tmp_path / name), dataset, image_column, caption_column, args, counting, encode_text, accelerator=OneProcess())
+        built[name] = (load_file(str(tmp_path / name / "images-000.safetensors")), load_file(str(tmp_path / name / "texts-000.safetensors")), list(calls))
+    (single_images, single_texts, single_calls), (images, texts, batched_calls) = built["single"], built["batched"]
+    assert len(dataset) == 7 and len(single_calls) == 7  # straight + flipped of one image per call
+    assert all(shape[0] == 2 for shape in single_calls)
+    assert max(shape[0] for shape in batched_calls) > 2 and len(batched_calls) < 7
+    assert len({tuple(t.shape[-2:]) for t in images.values()}) > 1
+    assert images.keys() == single_images.keys() and len(images) == 14
+    for key in images:
+        torch.testing.assert_close(images[key], single_images[key], rtol=1e-4, atol=1e-5)
+    assert texts.keys() == single_texts.keys()
+    for key in texts:
+        torch.testing.assert_close(texts[key], single_texts[key], rtol=1e-5, atol=1e-6)
+
+
 def test_cache_key_follows_every_setting(tiny):
     from datasets import load_dataset
 
