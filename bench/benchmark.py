@@ -590,6 +590,12 @@ class Floor:
     def block(self):
         """--floor_steps consecutive steps, timestamped; keeps every window of `self.window` steps."""
         time.sleep(1.0)  # let the kernel finish tearing down the trainer process that just exited
+        # A block starts right after a trainer process ran, with cold caches; the loop's windows start
+        # --n1 steps into a warm run, so the floor's start after a few untimed steps too. (This did not
+        # narrow the spread of block means on the 2-core VM, 0.14-0.20 s/step against 0.141 with no
+        # trainer runs in between: that spread comes from the machine, and the loop sees it as well.)
+        for _ in range(self.args.floor_block_warmup):
+            self.step()
         stamps = [time.perf_counter()]
         with ForeignLoad() as fl:
             for _ in range(self.args.floor_steps):
@@ -1153,7 +1159,7 @@ def print_cpu_results(args, flags, loop, floor, memory, latency, extra, breakdow
     if floor:
         lo_, hi_ = floor["block_range"]
         print(
-            f"Floor: {floor['blocks']} blocks of {args.floor_steps} steps after {args.floor_warmup} warm-up steps (block means {lo_:.3f}-{hi_:.3f} s/step); "
+            f"Floor: {floor['blocks']} blocks of {args.floor_steps} steps after {args.floor_warmup} warm-up steps, each block after {args.floor_block_warmup} more (block means {lo_:.3f}-{hi_:.3f} s/step); "
             f"fwd+bwd {floor['flops'] / 1e9:.2f} GFLOP/step; max foreign load {floor['foreign_load']:.2f} cores"
         )
     if breakdown:
@@ -1272,6 +1278,7 @@ def main(argv=None):
     p.add_argument("--loop_repeats", type=int, default=3, help="trainer run pairs per mode (min wall per length)")
     p.add_argument("--floor_warmup", type=int, default=3)
     p.add_argument("--floor_steps", type=int, default=16, help="steps per floor block (one block before the trainer runs and one after each)")
+    p.add_argument("--floor_block_warmup", type=int, default=3, help="untimed steps at the start of every floor block")
     p.add_argument("--latency_repeats", type=int, default=90)
     p.add_argument("--no_checkpointing_memory", action="store_true", help="CPU memory: skip the gradient-checkpointing rows")
     g = p.add_argument_group("device (--device cuda)")
