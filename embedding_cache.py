@@ -142,15 +142,13 @@ def _encode_batch(items, encode_image, encode_text, images, texts):
     """Encode a list of decoded rows: images of one size in one EfficientNet call (flips alongside),
     every caption of the batch in one CLIP call. Buckets and random-crop mode give mixed sizes."""
     by_size = {}
-    for item in items:
-        by_size.setdefault(tuple(item[1].shape), []).append(item)
+    for i, straight, flipped, _ in items:
+        group = by_size.setdefault(tuple(straight.shape), {})
+        group[str(i)] = straight
+        if flipped is not None:
+            group[f"{i}.flip"] = flipped
     for group in by_size.values():
-        pixels = [item[1] for item in group]
-        names = [str(item[0]) for item in group]
-        if group[0][2] is not None:
-            pixels += [item[2] for item in group]
-            names += [f"{item[0]}.flip" for item in group]
-        for name, embedding in zip(names, encode_image(torch.stack(pixels))):
+        for name, embedding in zip(group, encode_image(torch.stack(list(group.values())))):
             images[name] = embedding.cpu().contiguous()
     names, captions = [], []
     for i, _, _, row_captions in items:

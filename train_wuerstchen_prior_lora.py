@@ -748,41 +748,40 @@ def train(args):
     run = setup(args)
     accelerator = run.accelerator
     global_step = resume_checkpoint(accelerator, args) if args.resume_from_checkpoint else 0
-    # Signals are handled from here on: args.json, which appears next, tells a supervisor that a
-    # SIGTERM now ends in a checkpoint at the first update rather than the default exit.
-    with stop_on_signals(run):
+    if args.report_to != "none":
+        accelerator.init_trackers("wuerstchen-prior-lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()})
+    effective_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    accelerator.print(f"{len(run.dataloader.dataset)} samples, {run.max_steps} steps, effective batch {effective_batch} "
+                      f"({args.train_batch_size} x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation), "
+                      f"{args.mixed_precision} on {accelerator.device}")
+
+    from tqdm.auto import tqdm
+
+    run.progress = tqdm(total=run.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    run.nonfinite_in_a_row = run.nonfinite_total = 0
+    run.window_losses = []
+    # Resume point: whole epochs done, then the batches of the current epoch already consumed.
+    first_epoch, skip = divmod(global_step, run.steps_per_epoch)
+    skip *= args.gradient_accumulation_steps
+    with run.progress, stop_on_signals(run):  # the bar closes on any exit: an error starts on its own line
+        # Written once signals are handled: from the moment args.json exists, a SIGTERM ends in a
+        # checkpoint (at the first update if none has run yet), never in the default exit.
         if accelerator.is_main_process:
             atomic_write_json(os.path.join(args.output_dir, "args.json"), vars(args))
-        if args.report_to != "none":
-            accelerator.init_trackers("wuerstchen-prior-lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()})
-        effective_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-        accelerator.print(f"{len(run.dataloader.dataset)} samples, {run.max_steps} steps, effective batch {effective_batch} "
-                          f"({args.train_batch_size} x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation), "
-                          f"{args.mixed_precision} on {accelerator.device}")
-
-        from tqdm.auto import tqdm
-
-        run.progress = tqdm(total=run.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-        run.nonfinite_in_a_row = run.nonfinite_total = 0
-        run.window_losses = []
-        # Resume point: whole epochs done, then the batches of the current epoch already consumed.
-        first_epoch, skip = divmod(global_step, run.steps_per_epoch)
-        skip *= args.gradient_accumulation_steps
-        with run.progress:  # the bar closes on any exit: an error starts on its own line
-            for epoch in range(first_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
-                run.dataloader.set_epoch(epoch)  # the data order...
-                run.examples.set_epoch(epoch)  # ...and augmentation, captions and noise (accelerate skips this with several processes)
-                if run.bucket_sampler is not None:
-                    run.bucket_sampler.set_epoch(epoch)  # a custom batch sampler under accelerate's shard: ours to set
-                batches = accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader
-                for batch_index, batch in enumerate(batches, start=skip):
-                    update = training_step(run, batch, epoch, batch_index)
-                    if update is not None:
-                        global_step += 1
-                        after_update(run, *update, global_step)
-                        if global_step >= run.max_steps:
-                            break
-                skip = 0
+        for epoch in range(first_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
+            run.dataloader.set_epoch(epoch)  # the data order...
+            run.examples.set_epoch(epoch)  # ...and augmentation, captions and noise (accelerate skips this with several processes)
+            if run.bucket_sampler is not None:
+                run.bucket_sampler.set_epoch(epoch)  # a custom batch sampler under accelerate's shard: ours to set
+            batches = accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader
+            for batch_index, batch in enumerate(batches, start=skip):
+                update = training_step(run, batch, epoch, batch_index)
+                if update is not None:
+                    global_step += 1
+                    after_update(run, *update, global_step)
+                    if global_step >= run.max_steps:
+                        break
+            skip = 0
 
     accelerator.wait_for_everyone()
     run.info["global_step"] = global_step

@@ -639,14 +639,14 @@ def measure_cache_build(paths, args, batch_sizes=(1, 8), repeats=2):
     image_encoder = load_image_encoder(paths["image_encoder"]).eval()
     dataset, image_column, caption_column = load_training_dataset(paths["dataset"])
     accelerator = Accelerator(cpu=True)
-    encode_image = lambda pixels: T.encode_images(image_encoder, pixels)  # noqa: E731
-    encode_text = lambda captions: T.encode_text(text_encoder, tokenizer, captions, "cpu")  # noqa: E731
+    run = SimpleNamespace(accelerator=accelerator, dtype=torch.float32, image_encoder=image_encoder, text_encoder=text_encoder, tokenizer=tokenizer)
+    encode_image, encode_text = T.encoder_functions(run)  # as the trainer builds its cache
     times = {b: [] for b in batch_sizes}
     with tempfile.TemporaryDirectory(prefix="cache-build-") as tmp, torch.no_grad():
         for r in range(repeats):
             for b in batch_sizes:
                 cache_args = T.parse_args(["--dataset", paths["dataset"], "--resolution", str(CPU_RES), "--center_crop", "--cache_batch_size", str(b)])
-                with ForeignLoad() as fl, contextlib.redirect_stderr(open(os.devnull, "w")):  # no progress bar
+                with ForeignLoad() as fl, open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # no progress bar
                     t0 = time.perf_counter()
                     build_cache(os.path.join(tmp, f"{b}-{r}"), dataset, image_column, caption_column, cache_args, encode_image, encode_text, accelerator)
                     times[b].append((time.perf_counter() - t0) / len(dataset))
@@ -714,9 +714,10 @@ def memory_probe(kind, gradient_checkpointing, threads, precision="fp32", steps=
     from diffusers import DDPMWuerstchenScheduler
 
     import train_wuerstchen_prior_lora as T
-    from wuerstchen_models import use_sdpa_attention
+    from wuerstchen_models import quiet_library_logs, use_sdpa_attention
 
     torch.set_num_threads(threads)
+    quiet_library_logs()  # diffusers warns about .to(bf16) on a model
     scheduler = DDPMWuerstchenScheduler()
     half = precision == "bf16"
 
@@ -743,14 +744,12 @@ def memory_probe(kind, gradient_checkpointing, threads, precision="fp32", steps=
     def nbytes(tensors):
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    with contextlib.redirect_stderr(open(os.devnull, "w")):  # diffusers warns about .to(bf16) on a model
-        prior, params, optimizer, emb, text = setup(dict(SCALED_PRIOR, c=48, depth=1), 2, 4)
+    prior, params, optimizer, emb, text = setup(dict(SCALED_PRIOR, c=48, depth=1), 2, 4)
     steps_fn(prior, optimizer, emb, text, 2)()  # warm-up: page in code and kernels
     del prior, params, optimizer, emb, text
 
     # Pass 1, peak RSS (no profiler running: its event buffers would count).
-    with contextlib.redirect_stderr(open(os.devnull, "w")):
-        prior, params, optimizer, emb, text = setup(SCALED_PRIOR, CPU_BATCH, CPU_RES // 32)
+    prior, params, optimizer, emb, text = setup(SCALED_PRIOR, CPU_BATCH, CPU_RES // 32)
     gc.collect()
     base = rss_kb("VmRSS")
     clean = reset_peak_rss()
@@ -762,8 +761,7 @@ def memory_probe(kind, gradient_checkpointing, threads, precision="fp32", steps=
     gc.collect()
 
     # Pass 2, live tensor bytes, on a fresh prior and optimiser.
-    with contextlib.redirect_stderr(open(os.devnull, "w")):
-        prior, params, optimizer, emb, text = setup(SCALED_PRIOR, CPU_BATCH, CPU_RES // 32)
+    prior, params, optimizer, emb, text = setup(SCALED_PRIOR, CPU_BATCH, CPU_RES // 32)
     gc.collect()
     start = nbytes(prior.parameters()) + nbytes(prior.buffers()) + emb.nbytes + text.nbytes
     peak, end = peak_tensor_bytes(steps_fn(prior, optimizer, emb, text, steps))
