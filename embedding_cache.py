@@ -32,6 +32,7 @@ from wuerstchen_data import (
     caption_list,
     pick_caption,
     resize_to_cover,
+    sample_noise,
     sample_rng,
     to_rgb,
 )
@@ -198,20 +199,21 @@ def build_cache(folder, dataset, image_column, caption_column, args, encode_imag
 
 
 class CachedExamples(torch.utils.data.Dataset):
-    """Samples from a complete cache: {"noise_seed", "image_embeddings", and "text_embeddings" or,
+    """Samples from a complete cache: {"noise", "timestep", "image_embeddings", and "text_embeddings" or,
     when tags are shuffled (the text differs every epoch), the "caption" to encode}.
 
     Crop window, flip, caption choice and caption dropout come from (seed, epoch, index), like the
     uncached path; each row appears `repeats` times per epoch.
     """
 
-    def __init__(self, folder, resolution, random_flip, seed, captions=CaptionOptions(), raw_captions=None, repeats=1):
+    def __init__(self, folder, resolution, random_flip, seed, captions=CaptionOptions(), raw_captions=None, repeats=1, noise_offset=0.0):
         with open(os.path.join(folder, MANIFEST)) as f:
             manifest = json.load(f)
         self.folder, self.rows, self.shards = folder, manifest["rows"], manifest["shards"]
         self.grids = manifest.get("grids") or [[resolution // 32, resolution // 32]] * self.rows
         self.random_flip, self.seed, self.epoch = random_flip, seed, 0
         self.captions, self.raw_captions, self.repeats = captions, raw_captions, repeats
+        self.noise_offset = noise_offset
         if captions.shuffle_tags and raw_captions is None:
             raise ValueError("shuffled tags need the raw captions")
         self._files = {}  # opened lazily: safe_open handles do not survive pickling into workers
@@ -259,8 +261,10 @@ class CachedExamples(torch.utils.data.Dataset):
         top, left = rng.randint(0, h - gh), rng.randint(0, w - gw)
         if self.captions.drop(rng):
             text_key, text = ("caption", "") if text_key == "caption" else (text_key, self.empty_text())
+        noise, timestep = sample_noise(noise_seed, (image.shape[0], gh, gw), self.noise_offset)
         return {
-            "noise_seed": noise_seed,
+            "noise": noise,
+            "timestep": timestep,
             "image_embeddings": image[:, top : top + gh, left : left + gw].contiguous(),
             text_key: text,
         }

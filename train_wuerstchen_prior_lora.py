@@ -23,6 +23,7 @@ import math
 import os
 import random
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,15 @@ LORA_TARGET_PRESETS = {
     "all-linear": DEFAULT_LORA_TARGETS + ("channelwise.0", "channelwise.4", "kv_mapper.1", "mapper", "cond_mapper.0", "cond_mapper.2"),
 }
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def unit_fraction(text):
+    """argparse type: a number in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +130,9 @@ def parse_args(argv=None):
     g.add_argument("--lr_scheduler", default="constant", choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: the accelerate config, else fp16 on CUDA; always fp32 on a CPU")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in the backward pass: less memory, about 30%% slower")
+    g.add_argument("--gradient_checkpointing", type=unit_fraction, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
+                   help="recompute activations in the backward pass: all blocks (no value), or this fraction of the prior's blocks, spread evenly "
+                        "(e.g. 0.5: a point between speed and memory; README: Speed and memory)")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
     g.add_argument("--max_nonfinite_steps", type=int, default=5, help="stop after this many NaN/inf losses in a row (each is skipped)")
     g.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="adamw8bit needs bitsandbytes, prodigy needs prodigyopt (use --learning_rate 1 with it)")
@@ -130,7 +142,11 @@ def parse_args(argv=None):
     g.add_argument("--noise_offset", type=float, default=0.0, help="add offset * N(0,1) per sample and channel to the noise; 0 = off")
     g.add_argument("--use_ema", action="store_true", help="keep an exponential moving average of the LoRA weights, saved as pytorch_lora_weights_ema.safetensors")
     g.add_argument("--ema_decay", type=float, default=0.999)
-    g.add_argument("--torch_compile", action="store_true", help="compile the prior with torch.compile (inductor); first steps are slow")
+    g.add_argument("--torch_compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help="compile the prior's blocks one region at a time (torch.compile); MODE: default, reduce-overhead (CUDA graphs: fixed shapes) "
+                        "or max-autotune; if compiling fails, a warning and eager mode")
+    g.add_argument("--torch_compile_backend", default="inductor", help="torch.compile backend for --torch_compile (torch._dynamo.list_backends())")
+    g.add_argument("--prior_dropout", type=float, default=None, help="dropout rate inside the prior while training (default: the model's config, 0.1)")
 
     g = p.add_argument_group("checkpoints and output")
     g.add_argument("--output_dir", default="wuerstchen-prior-lora")
@@ -147,6 +163,7 @@ def parse_args(argv=None):
     g.add_argument("--validation_dataset", default=None, help="a separate held-out dataset (same formats as --dataset) for the validation loss")
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
     g.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
+    g.add_argument("--logging_steps", type=int, default=10, help="read losses back from the GPU every N steps (every step is still logged); the only wait for the GPU between checkpoints")
 
     args = p.parse_args(argv)
     check_args(args)
@@ -159,7 +176,7 @@ def check_args(args):
         raise UserError(f"--caption_dropout is a probability in [0, 1) (got {args.caption_dropout:g})")
     if args.keep_tokens < 0 or (args.keep_tokens and not args.shuffle_tags):
         raise UserError("--keep_tokens N (N >= 0) only means something with --shuffle_tags")
-    positive = ["repeats", "rank", "train_batch_size", "cache_batch_size", "gradient_accumulation_steps", "num_train_epochs", "resolution", "learning_rate", "max_nonfinite_steps", "validation_steps"]
+    positive = ["repeats", "rank", "train_batch_size", "cache_batch_size", "gradient_accumulation_steps", "num_train_epochs", "resolution", "learning_rate", "max_nonfinite_steps", "validation_steps", "logging_steps"]
     for name in positive + ["max_train_steps", "max_train_samples", "checkpoints_total_limit", "lora_alpha"]:
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -173,6 +190,10 @@ def check_args(args):
         raise UserError(f"--resolution {args.resolution} is not a multiple of 32 (EfficientNet stride); use {max(32, round(args.resolution / 32) * 32)}")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
+    if args.prior_dropout is not None and not 0 <= args.prior_dropout < 1:
+        raise UserError(f"--prior_dropout must be in [0, 1) (got {args.prior_dropout:g})")
+    if args.torch_compile:
+        check_compile_backend(args.torch_compile_backend, args.torch_compile)
     if not 0 <= args.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
     if args.lora_target_modules is None:
@@ -259,11 +280,21 @@ def make_accelerator(args):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
         # The seedable sampler shuffles each epoch from (seed, epoch): a resumed run sees the same order.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        dynamo_backend="inductor" if args.torch_compile else None,  # None: the accelerate config decides
+        # non_blocking: batches come from pinned memory (make_dataloader), so the copy to the GPU
+        # does not make the host wait for the step before.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
+        # accelerate's own torch.compile wraps the whole prior (a `_orig_mod.` prefix in every saved
+        # key, one huge graph); --torch_compile compiles block by block instead (compile_blocks).
+        dynamo_backend="no",
     )
     if notice:
         accelerator.print(notice)
+    launcher_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if launcher_backend not in ("no", "") and not args.torch_compile:
+        # An accelerate config that asks for torch.compile gets it the way that works here.
+        args.torch_compile, args.torch_compile_backend = os.environ.get("ACCELERATE_DYNAMO_MODE") or "default", launcher_backend
+        check_compile_backend(args.torch_compile_backend, args.torch_compile)
+        accelerator.print(f"note: the accelerate config's dynamo_backend {launcher_backend} is applied block by block, as --torch_compile {args.torch_compile}")
     args.mixed_precision = mixed_precision
     return accelerator
 
@@ -314,10 +345,100 @@ def add_lora(prior, args):
     named = [(n, p) for n, p in prior.named_parameters() if p.requires_grad]
     for _, p in named:
         p.data = p.data.float()
+    # Activations stay in the prior's dtype into the LoRA matmuls: autocast casts the small fp32
+    # LoRA weights instead of peft casting every activation to fp32 and back (a copy each way,
+    # forward and backward, around every adapted projection). Every forward of the prior runs under
+    # autocast when the weights are half precision (training, held-out loss, validation images).
+    for module in prior.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+    if args.prior_dropout is not None:
+        set_prior_dropout(prior, args.prior_dropout)
     if args.gradient_checkpointing:
-        prior.enable_gradient_checkpointing()
+        checkpoint_blocks(prior, args.gradient_checkpointing)
     prior.train()  # dropout (0.1 in the shipped config) is active while training, as in both references
     return config, [p for _, p in named], [n for n, _ in named]
+
+
+def set_prior_dropout(prior, rate):
+    """The dropout rate of every Dropout in the prior (ResBlocks and attention outputs)."""
+    for module in prior.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
+
+
+def checkpoint_blocks(prior, fraction):
+    """Recompute the activations of `fraction` of the prior's blocks in the backward pass.
+
+    fraction 1 is diffusers' own gradient checkpointing (every block). A smaller fraction wraps
+    that share of the blocks, spread evenly over the depth, in torch.utils.checkpoint: memory
+    falls roughly in proportion and so does the recomputation. diffusers has no per-block switch,
+    hence the wrapper; it replaces the instances' forward, so module names (and the LoRA keys) stay.
+    """
+    if fraction >= 1:
+        prior.enable_gradient_checkpointing()
+        return
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(prior.blocks)
+    chosen = sorted({int(i / fraction) for i in range(math.ceil(len(blocks) * fraction)) if int(i / fraction) < len(blocks)})
+    for i in chosen:
+        forward = blocks[i].forward
+        blocks[i].forward = functools.wraps(forward)(
+            lambda *a, _f=forward: checkpoint(_f, *a, use_reentrant=False) if torch.is_grad_enabled() else _f(*a))
+
+
+def norms_in_activation_dtype(prior, dtype):
+    """Run the prior's LayerNorms and GlobalResponseNorms in `dtype` (bf16 when training in bf16)
+    instead of autocast's choice.
+
+    CUDA autocast computes layer_norm and norm in fp32 and returns fp32: every ResBlock then
+    carries its 4x-wide GlobalResponseNorm output in fp32 and casts it back to bf16 for the next
+    Linear, forward and backward. The kernels accumulate in fp32 internally either way, and the
+    next Linear rounds to bf16, so results agree to bf16 precision (tested). Not for fp16, whose
+    range a norm of 4x-wide activations can exceed.
+    """
+    from wuerstchen_models import GlobalResponseNorm, WuerstchenLayerNorm
+
+    for module in prior.modules():
+        if isinstance(module, (WuerstchenLayerNorm, GlobalResponseNorm)):
+            module.forward = _outside_autocast(type(module).forward.__get__(module), dtype)
+
+
+def _outside_autocast(forward, dtype):
+    def run(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(x.to(dtype))
+    return run
+
+
+def check_compile_backend(backend, mode):
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise UserError(f"--torch_compile_backend {backend}: unknown; choose one of {', '.join(torch._dynamo.list_backends())}")
+    if mode != "default" and backend != "inductor":
+        raise UserError(f"--torch_compile {mode} is an inductor mode; use it with --torch_compile_backend inductor")
+
+
+def compile_blocks(prior, mode, backend):
+    """Compile the prior's blocks one region at a time, in place (names, and so LoRA keys, stay).
+
+    The 96 blocks are three classes (ResBlock, TimestepBlock, AttnBlock) repeated 32 times: one
+    compiled graph per class and input shape serves every repetition, which compiles much faster
+    than one whole-model graph and avoids whole-graph failures (inductor's CantSplit on torch 2.11).
+    """
+    options = {"mode": None if mode == "default" else mode} if backend == "inductor" else {}
+    for block in prior.blocks:
+        block.compile(backend=backend, dynamic=False, **options)
+
+
+def uncompile_blocks(prior):
+    """Back to eager: nn.Module.compile only sets this attribute."""
+    for block in prior.blocks:
+        block._compiled_call_impl = None
 
 
 def make_optimizer(args, params, device):
@@ -336,7 +457,12 @@ def make_optimizer(args, params, device):
 
         # A fixed learning rate (the schedule comes from --lr_scheduler), no parameter-scale rescaling.
         return Adafactor(params, lr=args.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False, weight_decay=args.adam_weight_decay)
-    return torch.optim.AdamW(params, fused=torch.device(device).type == "cuda", **adam)
+    # The fused kernel takes `found_inf`, so a non-finite window is skipped on the device
+    # (apply_update); on the CPU it needs torch >= 2.4.
+    try:
+        return torch.optim.AdamW(params, fused=True, **adam)
+    except RuntimeError:
+        return torch.optim.AdamW(params, **adam)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +479,10 @@ def encode_images(image_encoder, pixel_values):
 def encode_text(text_encoder, tokenizer, captions, device):
     """CLIP last_hidden_state of captions padded/truncated to 77 tokens, as the prior pipeline does."""
     tokens = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    out = text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
+    ids, mask = tokens.input_ids, tokens.attention_mask
+    if torch.device(device).type == "cuda":  # a copy from pageable memory would wait for the queued GPU work
+        ids, mask = ids.pin_memory().to(device, non_blocking=True), mask.pin_memory().to(device, non_blocking=True)
+    out = text_encoder(ids.to(device), attention_mask=mask.to(device))
     return out.last_hidden_state
 
 
@@ -391,19 +520,15 @@ def compute_loss(prior, scheduler, image_embeddings, text_embeddings, noise=None
     return per_sample.mean() if weights is None else (weights * per_sample).mean()
 
 
-def sample_noise(noise_seeds, shape, device, noise_offset=0.0):
-    """Each sample's noise and timestep from its own seed (drawn by the dataset from seed, epoch and
-    sample index): the same sample gets the same noise whatever the batch size or process count.
-    `noise_offset` adds a per-channel constant (the "offset noise" trick) to each sample's noise."""
-    noises, timesteps = [], []
-    for seed in noise_seeds.tolist():
-        g = torch.Generator().manual_seed(seed)
-        timesteps.append(torch.rand((), generator=g))
-        noise = torch.randn(shape, generator=g)
-        if noise_offset:
-            noise = noise + noise_offset * torch.randn(shape[0], 1, 1, generator=g)
-        noises.append(noise)
-    return torch.stack(noises).to(device), torch.stack(timesteps).to(device)
+def scheduler_to(scheduler, device):
+    """Keep the noise schedule's two constants on the training device.
+
+    DDPMWuerstchenScheduler copies them from the CPU on every add_noise call; a copy from pageable
+    host memory makes the host wait for all queued GPU work, once per step.
+    """
+    scheduler.s = scheduler.s.to(device)
+    scheduler._init_alpha_cumprod = scheduler._init_alpha_cumprod.to(device)
+    return scheduler
 
 
 def step_seed(seed, epoch, batch_index, process_index):
@@ -523,25 +648,29 @@ def cached_examples(args, accelerator, dataset, encode_image, encode_text, dtype
         accelerator=accelerator, captions=caption_options(args), row_buckets=row_buckets,
     )
     raw = dataset[args.caption_column] if args.shuffle_tags else None
-    return CachedExamples(folder, args.resolution, args.random_flip, args.seed, caption_options(args), raw, args.repeats)
+    return CachedExamples(folder, args.resolution, args.random_flip, args.seed, caption_options(args), raw, args.repeats, args.noise_offset)
 
 
-def uncached_examples(args, dataset, row_buckets=None):
+def uncached_examples(args, dataset, latent_channels, row_buckets=None):
     from wuerstchen_data import CaptionedImages, ImageTransform
 
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
-    return CaptionedImages(dataset, args.image_column, args.caption_column, transform, args.seed, caption_options(args), args.repeats, row_buckets)
+    return CaptionedImages(dataset, args.image_column, args.caption_column, transform, args.seed, caption_options(args), args.repeats, row_buckets,
+                           latent_channels=latent_channels, noise_offset=args.noise_offset)
 
 
-def make_dataloader(args, examples, row_buckets=None):
-    """Shuffled batches; with aspect-ratio buckets, each batch from one bucket (returns the sampler too)."""
+def make_dataloader(args, examples, row_buckets=None, pin_memory=False):
+    """Shuffled batches; with aspect-ratio buckets, each batch from one bucket (returns the sampler too).
+
+    pin_memory (on a GPU): batches land in page-locked memory, so that their copy to the device
+    can be queued without waiting (accelerate moves them with non_blocking=True)."""
     from wuerstchen_data import BucketBatchSampler
 
+    loader = dict(num_workers=args.dataloader_num_workers, pin_memory=pin_memory)
     if row_buckets is None:
-        loader = torch.utils.data.DataLoader(examples, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers)
-        return loader, None
+        return torch.utils.data.DataLoader(examples, batch_size=args.train_batch_size, shuffle=True, **loader), None
     sampler = BucketBatchSampler(row_buckets, args.train_batch_size, args.seed, args.repeats)
-    return torch.utils.data.DataLoader(examples, batch_sampler=sampler, num_workers=args.dataloader_num_workers), sampler
+    return torch.utils.data.DataLoader(examples, batch_sampler=sampler, **loader), sampler
 
 
 def encoder_functions(run):
@@ -632,15 +761,22 @@ def setup(args):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     else:
-        examples = uncached_examples(args, dataset, row_buckets)
+        examples = uncached_examples(args, dataset, prior.config.c_in, row_buckets)
+    scheduler_to(run.scheduler, accelerator.device)
 
     torch.manual_seed(args.seed)  # the LoRA initialisation: same seed, same run
     run.lora_config, run.params, run.param_names = add_lora(prior, args)
     trainable, total = sum(p.numel() for p in run.params), sum(p.numel() for p in prior.parameters())
     accelerator.print(f"LoRA: {trainable:,} trainable of {total:,} prior parameters ({100 * trainable / total:.2f}%)")
     optimizer = make_optimizer(args, run.params, accelerator.device)
+    if dtype == torch.bfloat16:
+        norms_in_activation_dtype(prior, dtype)
+    run.compiled = False
+    if args.torch_compile:
+        compile_blocks(prior, args.torch_compile, args.torch_compile_backend)
+        run.compiled, run.compiled_shapes = True, set()
     run.examples = examples
-    dataloader, run.bucket_sampler = make_dataloader(args, examples, row_buckets)
+    dataloader, run.bucket_sampler = make_dataloader(args, examples, row_buckets, pin_memory=accelerator.device.type == "cuda")
     run.prior, run.optimizer, run.dataloader = accelerator.prepare(prior, optimizer, dataloader)
     run.steps_per_epoch = math.ceil(len(run.dataloader) / args.gradient_accumulation_steps)
     run.max_steps = args.max_train_steps or args.num_train_epochs * run.steps_per_epoch
@@ -659,6 +795,7 @@ def setup(args):
         run.ema.to(accelerator.device)
         accelerator.register_for_checkpointing(run.ema)
     run.info = training_info(args, accelerator, run.lora_config, 0, trainable, total)
+    run.info["loss_history"] = []  # [step, training loss] of every step of this run (None: skipped)
     run.info["data"] = run.data_report
     register_lora_checkpoint_hooks(accelerator, run.unwrapped, run.lora_config, run.info)
     run.validate = Validator(args, accelerator, run.text_encoder, run.tokenizer, run.scheduler, dtype, common_bucket(row_buckets)) if args.validation_prompts else None
@@ -675,60 +812,140 @@ def training_step(run, batch, epoch, batch_index):
     """One micro-batch: forward and backward; at the end of an accumulation window, the update.
 
     Returns None inside a window; at its end, (the window's mean loss over every process, whether
-    all of it was finite). A non-finite loss still goes through backward (its NaN reaches every
-    process's gradients through DDP), and the whole window's update is skipped everywhere alike.
-    The gathered losses are the one point per update where the host waits for the device.
+    all of it was finite), both still on the device: nothing here waits for the GPU, so the host
+    queues the next step while this one runs. A non-finite loss still goes through backward (its
+    NaN reaches every process's gradients through DDP), and the whole window's update is skipped
+    everywhere alike (apply_update).
     """
     args, accelerator = run.args, run.accelerator
     torch.manual_seed(step_seed(args.seed, epoch, batch_index, accelerator.process_index))
     with accelerator.accumulate(run.prior):
         image_embeddings, text_embeddings = embed_batch(batch, run.encode_image, run.encode_text, accelerator.device)
-        noise, timesteps = sample_noise(batch["noise_seed"], image_embeddings.shape[1:], accelerator.device, args.noise_offset)
-        loss = compute_loss(run.prior, run.scheduler, image_embeddings, text_embeddings, noise, timesteps, args.loss_weighting, args.snr_gamma)
+        loss = compute_loss(run.prior, run.scheduler, image_embeddings, text_embeddings, batch["noise"], batch["timestep"], args.loss_weighting, args.snr_gamma)
         accelerator.backward(loss)
         run.window_losses.append(loss.detach())
         if not accelerator.sync_gradients:
             return None
-        losses = accelerator.gather(torch.stack(run.window_losses)).float().tolist()
+        losses = accelerator.gather(torch.stack(run.window_losses)).float()
         run.window_losses = []
-        finite = all(math.isfinite(v) for v in losses)
-        if finite:
-            if args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
-            run.optimizer.step()
-            if run.ema is not None:
-                run.ema.step(run.params)
+        finite = torch.isfinite(losses).all()
+        apply_update(run, finite)
         run.lr_scheduler.step()  # in step with global_step even when the update is skipped
         run.optimizer.zero_grad(set_to_none=True)
-    return sum(losses) / len(losses), finite
+    return losses.mean(), finite
+
+
+def apply_update(run, finite):
+    """Clip and step; the update is skipped where `finite` (a device tensor) is false.
+
+    Fused AdamW (the default) takes the `found_inf` flag that GradScaler uses and leaves weights and
+    state untouched where it is 1: the skip happens on the device. Under fp16, GradScaler sets that
+    flag itself from the gradients (a non-finite loss makes them non-finite). Other optimisers have
+    no such input, so for them the flag is read on the host: one wait per update.
+    """
+    if run.args.max_grad_norm > 0:
+        run.accelerator.clip_grad_norm_(run.params, run.args.max_grad_norm)
+    inner = run.optimizer.optimizer
+    if run.accelerator.scaler is None and getattr(inner, "defaults", {}).get("fused"):
+        inner.found_inf = (~finite).float()
+        try:
+            run.optimizer.step()
+        finally:
+            del inner.found_inf
+    elif run.accelerator.scaler is not None or bool(finite):
+        run.optimizer.step()
+    else:
+        return
+    if run.ema is not None:  # after a skipped update it averages in the unchanged weights
+        run.ema.step(run.params)
+
+
+def guarded_step(run, batch, epoch, batch_index):
+    """training_step, with a way back to eager mode under --torch_compile.
+
+    The first step at each input shape compiles. If that fails, the run prints one warning,
+    restores the gradients it had, and redoes the micro-batch eagerly: an optimisation flag
+    never ends a run.
+    """
+    shape = tuple(batch["image_embeddings" if "image_embeddings" in batch else "pixel_values"].shape)
+    if not run.compiled or shape in run.compiled_shapes:
+        return training_step(run, batch, epoch, batch_index)
+    grads = [None if p.grad is None else p.grad.clone() for p in run.params]
+    losses, micro_step = list(run.window_losses), run.accelerator.step
+    try:
+        result = training_step(run, batch, epoch, batch_index)
+    except (RuntimeError, AssertionError, TypeError, ValueError, NotImplementedError, AttributeError, OSError) as e:
+        uncompile_blocks(run.unwrapped)
+        run.compiled = False
+        for p, g in zip(run.params, grads):
+            p.grad = g
+        run.window_losses, run.accelerator.step = losses, micro_step
+        root = e
+        while getattr(root, "inner_exception", None) or root.__cause__:  # dynamo wraps the backend's own error
+            root = getattr(root, "inner_exception", None) or root.__cause__
+        cause = (str(root).strip().splitlines() or [""])[0][:200]
+        run.progress.write(f"warning: --torch_compile failed ({type(root).__name__}: {cause}); training goes on in eager mode", file=sys.stderr)
+        return training_step(run, batch, epoch, batch_index)
+    run.compiled_shapes.add(shape)
+    return result
 
 
 def after_update(run, loss, finite, global_step):
-    """Logging, the non-finite guard, checkpoints, signals and validation after an optimiser step."""
-    args, accelerator = run.args, run.accelerator
-    run.nonfinite_in_a_row = 0 if finite else run.nonfinite_in_a_row + 1
-    run.nonfinite_total += not finite
-    if run.nonfinite_in_a_row >= args.max_nonfinite_steps:
-        last = list_checkpoints(args.output_dir)
-        raise NonFiniteLoss(
-            f"stopped at step {global_step}: {run.nonfinite_in_a_row} non-finite losses in a row (NaN/inf). "
-            f"Last good checkpoint: {last[-1][1] if last else 'none'}. Try --mixed_precision bf16 or a lower --learning_rate"
-        )
-    logs = {"train/lr": run.lr_scheduler.get_last_lr()[0], "train/skipped_steps": run.nonfinite_total}
-    if finite:
-        logs["train/loss"] = loss
-    run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['train/lr']:.2e}", refresh=False)
+    """Bookkeeping after an optimiser step: losses are read back every --logging_steps (and before
+    checkpoints and validation), the only points between checkpoints where the host waits."""
+    args = run.args
+    run.pending.append((global_step, loss, finite, run.lr_scheduler.get_last_lr()[0]))
     run.progress.update(1)  # redraws at most every 0.1 s
-    accelerator.log(logs, step=global_step)
     run.info["global_step"] = global_step
+    checkpoint = args.checkpointing_steps and global_step % args.checkpointing_steps == 0
+    validation = global_step % args.validation_steps == 0
+    if not (checkpoint or validation or global_step % args.logging_steps == 0 or global_step >= run.max_steps):
+        return
+    read_losses(run)
     # Several processes agree on stopping through an all-reduce; one process just reads its flag.
-    stop = accelerator.check_trigger() if accelerator.num_processes > 1 else bool(run.stop_signals)
-    if stop or (args.checkpointing_steps and global_step % args.checkpointing_steps == 0):
-        path = save_checkpoint(accelerator, args, global_step)
+    stop = run.accelerator.check_trigger() if run.accelerator.num_processes > 1 else bool(run.stop_signals)
+    if stop or checkpoint:
+        path = save_checkpoint(run.accelerator, args, global_step)
         if stop:
             raise Interrupted(run.stop_signals[0] if run.stop_signals else 15, path)
-    if global_step % args.validation_steps == 0:
+    if validation:
         validate(run, global_step)
+
+
+def read_losses(run):
+    """Read the losses of the steps since the last read in one copy, log each at its own step, and
+    apply the non-finite guard (noticed here, at most --logging_steps late)."""
+    if not run.pending:
+        return
+    steps, losses, finites, lrs = zip(*run.pending)
+    run.pending = []
+    values, flags = torch.stack([torch.stack(losses), torch.stack(finites).float()]).tolist()
+    for step, loss, finite, lr in zip(steps, values, flags, lrs):
+        run.nonfinite_in_a_row = 0 if finite else run.nonfinite_in_a_row + 1
+        run.nonfinite_total += not finite
+        if run.nonfinite_in_a_row >= run.args.max_nonfinite_steps:
+            last = list_checkpoints(run.args.output_dir)
+            raise NonFiniteLoss(
+                f"stopped at step {step}: {run.nonfinite_in_a_row} non-finite losses in a row (NaN/inf). "
+                f"Last good checkpoint: {last[-1][1] if last else 'none'}. Try --mixed_precision bf16 or a lower --learning_rate"
+            )
+        logs = {"train/lr": lr, "train/skipped_steps": run.nonfinite_total}
+        if finite:
+            logs["train/loss"] = loss
+        run.accelerator.log(logs, step=step)
+        run.info["loss_history"].append([step, loss if finite else None])
+    run.progress.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{lrs[-1]:.2e}", refresh=False)
+    run.clock.append((steps[-1], time.perf_counter()))  # the device has just caught up: a true time
+
+
+def speed_report(run):
+    """Seconds per optimiser step, the median over the windows between loss reads after the first
+    (which holds compilation and warm-up), and the peak GPU memory: written to training_info.json."""
+    rates = sorted((t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(run.clock[1:], run.clock[2:]) if s1 > s0)
+    report = {"s_per_step": round(rates[len(rates) // 2], 5) if rates else None, "windows": len(rates)}
+    if torch.cuda.is_available() and run.accelerator.device.type == "cuda":
+        report["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return report
 
 
 def validate(run, global_step):
@@ -759,7 +976,7 @@ def train(args):
 
     run.progress = tqdm(total=run.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     run.nonfinite_in_a_row = run.nonfinite_total = 0
-    run.window_losses = []
+    run.window_losses, run.pending, run.clock = [], [], [(global_step, time.perf_counter())]
     # Resume point: whole epochs done, then the batches of the current epoch already consumed.
     first_epoch, skip = divmod(global_step, run.steps_per_epoch)
     skip *= args.gradient_accumulation_steps
@@ -775,17 +992,19 @@ def train(args):
                 run.bucket_sampler.set_epoch(epoch)  # a custom batch sampler under accelerate's shard: ours to set
             batches = accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader
             for batch_index, batch in enumerate(batches, start=skip):
-                update = training_step(run, batch, epoch, batch_index)
+                update = guarded_step(run, batch, epoch, batch_index)
                 if update is not None:
                     global_step += 1
                     after_update(run, *update, global_step)
                     if global_step >= run.max_steps:
                         break
             skip = 0
+        read_losses(run)  # steps since the last read, when the data ran out before a logging step
 
     accelerator.wait_for_everyone()
     run.info["global_step"] = global_step
     run.info["data"]["skipped_nonfinite_steps"] = run.nonfinite_total
+    run.info["speed"] = speed_report(run)
     if global_step % args.validation_steps:  # the final state, unless it was just validated
         validate(run, global_step)
     write_outputs(run, args, run.info)

@@ -328,6 +328,22 @@ def sample_rng(seed, epoch, index):
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
+def sample_noise(noise_seed, shape, noise_offset=0.0):
+    """One sample's diffusion noise and timestep t ~ U(0, 1), drawn from its own seed.
+
+    Drawn here, on the CPU in the data pipeline, rather than in the training step: the batch then
+    reaches the device in one pinned, non-blocking copy with everything else, and the same sample
+    gets the same noise whatever the batch size or process count (2 x b equals 1 x 2b).
+    `noise_offset` adds a per-channel constant (the "offset noise" trick) to the noise.
+    """
+    g = torch.Generator().manual_seed(noise_seed)
+    timestep = torch.rand((), generator=g)
+    noise = torch.randn(shape, generator=g)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(shape[0], 1, 1, generator=g)
+    return noise, timestep
+
+
 def pick_caption(value, rng):
     if isinstance(value, (list, tuple)):
         choices = caption_list(value)
@@ -390,10 +406,12 @@ class ImageTransform:
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """Rows of a datasets.Dataset as {"noise_seed", "pixel_values", "caption"}, each row `repeats`
+    """Rows of a datasets.Dataset as {"noise", "timestep", "pixel_values", "caption"}, each row `repeats`
     times per epoch; deterministic per (seed, epoch, index)."""
 
-    def __init__(self, dataset, image_column, caption_column, transform, seed, captions=CaptionOptions(), repeats=1, row_buckets=None):
+    def __init__(self, dataset, image_column, caption_column, transform, seed, captions=CaptionOptions(), repeats=1, row_buckets=None,
+                 latent_channels=16, noise_offset=0.0):
+        self.latent_channels, self.noise_offset = latent_channels, noise_offset  # shape and offset of the drawn noise
         self.row_buckets = row_buckets  # (width, height) per row with aspect-ratio buckets, else None
         self.dataset = dataset
         self.image_column = image_column
@@ -415,8 +433,11 @@ class CaptionedImages(torch.utils.data.Dataset):
         rng = sample_rng(self.seed, self.epoch, index)
         noise_seed = rng.getrandbits(63)
         caption = self.captions.apply(pick_caption(row[self.caption_column], rng), rng)
+        pixels = self.transform(row[self.image_column], rng, self.row_buckets[index % len(self.dataset)] if self.row_buckets else None)
+        noise, timestep = sample_noise(noise_seed, (self.latent_channels, pixels.shape[-2] // 32, pixels.shape[-1] // 32), self.noise_offset)
         return {
-            "noise_seed": noise_seed,
-            "pixel_values": self.transform(row[self.image_column], rng, self.row_buckets[index % len(self.dataset)] if self.row_buckets else None),
+            "noise": noise,
+            "timestep": timestep,
+            "pixel_values": pixels,
             "caption": "" if self.captions.drop(rng) else caption,
         }

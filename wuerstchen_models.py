@@ -29,12 +29,20 @@ try:  # diffusers >= 0.38 moved the Wuerstchen models under `deprecated`
         WuerstchenDiffNeXt,
         WuerstchenPrior,
     )
+    from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import (
+        GlobalResponseNorm,
+        WuerstchenLayerNorm,
+    )
 except ImportError:  # older releases
     from diffusers.pipelines.wuerstchen import (  # type: ignore[no-redef]
         DEFAULT_STAGE_C_TIMESTEPS,
         PaellaVQModel,
         WuerstchenDiffNeXt,
         WuerstchenPrior,
+    )
+    from diffusers.pipelines.wuerstchen.modeling_wuerstchen_common import (  # type: ignore[no-redef]
+        GlobalResponseNorm,
+        WuerstchenLayerNorm,
     )
 
 DEFAULT_PRIOR = "warp-ai/wuerstchen-prior"

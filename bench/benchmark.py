@@ -26,15 +26,17 @@ It prints
   * trainable-parameter counts for the scaled and the real prior (real one built on the meta device);
   * prior forward latency: base, unmerged LoRA, fused LoRA.
 
-GPU: the real prior config (c 1536, c_cond 1280, depth 32, nhead 24), random weights built on the GPU,
-bf16, 24x24 grid (768 px), batch 8: images/s, peak GPU memory, MFU against --peak_tflops:
+GPU (bench/device_bench.py): builds a real-size random prior repo and text encoder, times the bare
+floor and runs train_wuerstchen_prior_lora.py itself per mode (eager bf16/fp16, compile modes,
+gradient checkpointing fractions): s/step, images/s, peak memory, trainer/floor, MFU; writes
+results.json and results.md (sized to fit in 8 minutes on an H200; not yet run on one):
 
-    .venv/bin/python bench/benchmark.py --device cuda
-    .venv/bin/python bench/benchmark.py --device cuda --gradient_checkpointing --peak_tflops 989
+    .venv/bin/python bench/benchmark.py --device cuda --out /tmp/gpu
+    .venv/bin/python bench/benchmark.py --device cuda --modes "eager bf16,compile reduce-overhead"
 
-Check the GPU code path on the CPU (tiny prior, bf16 autocast, FLOP counter cross-check) before renting a GPU:
+Check the GPU code path on the CPU (tiny sizes, a test runs it) before renting a GPU:
 
-    .venv/bin/python bench/benchmark.py --smoke_device_path
+    .venv/bin/python bench/benchmark.py --smoke_device_path --out /tmp/smoke
 """
 
 import argparse
@@ -234,7 +236,7 @@ def flop_counter():
 
     FlopCounterMode counts the CUDA SDPA kernels (flash, efficient, cudnn) but not the CPU one
     (aten._scaled_dot_product_flash_attention_for_cpu), which it would silently skip: register
-    the library's own SDPA formulas for it. `check_flop_counter` verifies the total against hooks.
+    the library's own SDPA formulas for it.
     """
     from torch.utils.flop_counter import (
         FlopCounterMode,
@@ -257,7 +259,6 @@ def flop_counter():
     return FlopCounterMode(display=False, custom_mapping=custom)
 
 
-@torch.no_grad()
 def analytic_forward_flops(model, *inputs, **kwargs):
     """Forward matmul/conv FLOPs of one call, from the shapes each layer sees (forward hooks).
 
@@ -866,132 +867,6 @@ def measure_latency(cfg, device, dtype, batch, grid, rank, repeats, warmup=3):
 # 5. The device benchmark (real prior on a GPU; --smoke_device_path runs it on the CPU, tiny)
 
 
-def free(device):
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def device_training(cfg, device, dtype, batch, grid, kind, gradient_checkpointing, steps, warmup, rank, count_flops):
-    """Training steps of the prior as the trainer runs them under mixed precision.
-
-    LoRA: frozen prior in `dtype`, LoRA weights fp32 (the trainer's add_lora), autocast. Full fine-tuning:
-    fp32 master weights, every parameter trainable, autocast to `dtype` (accelerate's mixed precision).
-    Returns s/step, peak memory and, when asked, the FLOPs of one step (forward + backward, counted with
-    gradient checkpointing off so that recomputation is not counted: model FLOPs, not hardware FLOPs).
-    """
-    from diffusers import DDPMWuerstchenScheduler
-
-    import train_wuerstchen_prior_lora as T
-    from wuerstchen_models import use_sdpa_attention
-
-    free(device)
-    is_cuda = torch.device(device).type == "cuda"
-    prior = build_prior(cfg, device=device)
-    if kind == "lora":
-        prior.to(dtype)
-    use_sdpa_attention(prior)
-    params = setup_training(prior, kind, rank, gradient_checkpointing)
-    optimizer = make_optimizer(params, device)
-    scheduler = DDPMWuerstchenScheduler()
-    emb, text = fixed_batch(batch, grid, cfg["c_cond"], device=device, text_dtype=dtype)
-    dev_type = torch.device(device).type
-
-    def loss_and_backward():
-        with torch.autocast(dev_type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = T.compute_loss(prior, scheduler, emb, text)
-        loss.backward()
-        return loss
-
-    def step():
-        loss_and_backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    out = {}
-    if count_flops:
-        with torch.no_grad(), torch.autocast(dev_type, dtype=dtype, enabled=dtype != torch.float32):
-            t = torch.rand(batch, device=device)
-            x = emb.float()
-            out["forward_flops"] = counted_flops(lambda: prior(x, t, text))
-            out["forward_flops_hooks"] = analytic_forward_flops(prior, x, t, text)
-        out["step_flops"] = counted_flops(loss_and_backward)
-        optimizer.zero_grad(set_to_none=True)
-    for _ in range(warmup):
-        step()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    out["s_per_step"] = (time.perf_counter() - t0) / steps
-    out["images_per_s"] = batch / out["s_per_step"]
-    out["peak_bytes"] = torch.cuda.max_memory_allocated() if is_cuda else None
-    out["trainable"] = sum(p.numel() for p in params)
-    return out  # the caller frees the device memory once these locals are gone
-
-
-def run_device_benchmark(args, device, cfg, batch, grid, dtype, steps, warmup):
-    rows = []
-    flops = {}
-    variants = [("lora", False), ("full", False)]
-    if args.gradient_checkpointing:
-        variants += [("lora", True), ("full", True)]
-    for kind, gc_on in variants:
-        log(f"  {device}: {kind}{' + gradient checkpointing' if gc_on else ''}")
-        try:
-            r = device_training(cfg, device, dtype, batch, grid, kind, gc_on, steps, warmup, args.rank_device, count_flops=not gc_on)
-        except torch.OutOfMemoryError as e:  # full fine-tuning may not fit a smaller GPU
-            rows.append({"kind": kind, "gc": gc_on, "error": f"out of memory: {str(e).splitlines()[0][:80]}"})
-            free(device)
-            continue
-        free(device)
-        if not gc_on:
-            flops[kind] = r
-        r.update(kind=kind, gc=gc_on)
-        rows.append(r)
-    return rows, flops
-
-
-def print_device_results(args, device, cfg, batch, grid, dtype, rows, flops, latency):
-    peak = args.peak_tflops * 1e12
-    fwd = flops.get("lora", flops.get("full", {})).get("forward_flops")
-    hooks = flops.get("lora", flops.get("full", {})).get("forward_flops_hooks")
-    print(f"\n## Device training: prior {fmt_cfg(cfg)}, batch {batch}, grid {grid}x{grid}, {str(dtype).replace('torch.', '')}, rank {args.rank_device}")
-    if fwd:
-        print(f"forward FLOPs per step (FlopCounterMode, SDPA included): {fmt_flops(fwd)}; hooks (Linear, Conv2d, QK^T, AV): {fmt_flops(hooks)} ({100 * (fwd - hooks) / hooks:+.2f} %)")
-        for kind, r in flops.items():
-            print(f"  {kind}: forward + backward counted {fmt_flops(r['step_flops'])} = {r['step_flops'] / r['forward_flops']:.2f} x forward")
-    print(f"MFU against {args.peak_tflops:g} TFLOP/s dense bf16 (--peak_tflops; 989 = H100/H200 SXM). 'executed' = forward + backward counted by FlopCounterMode")
-    print("(LoRA skips the frozen weights' gradients, so about 2 x forward); '3 x fwd' = the usual model-FLOPs convention. Checkpointed rows use the")
-    print("un-checkpointed FLOPs (recomputation is not model work).\n")
-    print("| variant | s/step | images/s | peak memory | TFLOP/s executed | MFU executed | MFU 3 x fwd |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        name = (f"LoRA r{args.rank_device}" if r["kind"] == "lora" else "full fine-tuning") + (" + grad ckpt" if r["gc"] else "")
-        if "error" in r:
-            print(f"| {name} | {r['error']} | | | | | |")
-            continue
-        step_flops = flops.get(r["kind"], {}).get("step_flops")
-        f_fwd = flops.get(r["kind"], {}).get("forward_flops")
-        mem = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] is not None else "n/a (CPU)"
-        achieved = step_flops / r["s_per_step"] if step_flops else None
-        print(
-            f"| {name} | {r['s_per_step']:.4f} | {r['images_per_s']:.2f} | {mem} | "
-            f"{achieved / 1e12:.3g} | {100 * achieved / peak:.3g} % | {100 * 3 * f_fwd / r['s_per_step'] / peak:.3g} % |"
-            if achieved
-            else f"| {name} | {r['s_per_step']:.4f} | {r['images_per_s']:.2f} | {mem} | | | |"
-        )
-    by = {(r["kind"], r["gc"]): r for r in rows if "error" not in r}
-    for gc_on in (False, True):
-        lo, fu = by.get(("lora", gc_on)), by.get(("full", gc_on))
-        if lo and fu and lo["peak_bytes"] and fu["peak_bytes"]:
-            print(f"\npeak memory LoRA / full fine-tuning{' (both checkpointed)' if gc_on else ''}: {lo['peak_bytes'] / fu['peak_bytes']:.3f} (target <= {TARGETS['memory_fraction']:.3f})")
-    if latency:
-        print_latency(latency, f"prior {fmt_cfg(cfg)}, batch {batch}, grid {grid}x{grid}, {str(dtype).replace('torch.', '')}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Output
 
@@ -1241,28 +1116,6 @@ def extra_flops(paths):
 # ----------------------------------------------------------------------------------------------
 
 
-def check_flop_counter():
-    """FlopCounterMode (with the CPU SDPA formula) against the hooks count, on a small prior."""
-    from diffusers.models.attention_processor import AttnProcessor
-
-    from wuerstchen_models import use_sdpa_attention
-
-    cfg = dict(SCALED_PRIOR, c=96, depth=2, nhead=4)
-    prior = build_prior(cfg).eval()
-    emb, text = fixed_batch(2, 6, cfg["c_cond"])
-    t = torch.rand(2)
-    with torch.no_grad():
-        use_sdpa_attention(prior)
-        sdpa = counted_flops(lambda: prior(emb, t, text))
-        hooks = analytic_forward_flops(prior, emb, t, text)
-        prior.set_attn_processor(AttnProcessor())  # classic matmul + softmax: counted as bmm by FlopCounterMode itself
-        classic = counted_flops(lambda: prior(emb, t, text))
-    print(f"FLOP counter check (prior c 96, depth 2, batch 2, 6x6): FlopCounterMode with SDPA {sdpa:,}, with classic attention {classic:,}, hooks {hooks:,}")
-    if not (sdpa == classic == hooks):
-        print("WARNING: the FLOP counts disagree; the MFU figures would be off")
-    return sdpa == classic == hooks
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: scaled prior figures; cuda: the real prior on a GPU")
@@ -1279,13 +1132,14 @@ def main(argv=None):
     p.add_argument("--floor_block_warmup", type=int, default=3, help="untimed steps at the start of every floor block")
     p.add_argument("--latency_repeats", type=int, default=90)
     p.add_argument("--no_checkpointing_memory", action="store_true", help="CPU memory: skip the gradient-checkpointing rows")
-    g = p.add_argument_group("device (--device cuda)")
+    g = p.add_argument_group("device (--device cuda): bench/device_bench.py")
     g.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak of the GPU for MFU (989: H100/H200 SXM)")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="also run the gradient-checkpointing variants (CPU memory probe: checkpoint this probe)")
-    g.add_argument("--steps", type=int, default=10, help="timed training steps per variant")
-    g.add_argument("--warmup", type=int, default=3)
-    g.add_argument("--rank_device", type=int, default=8, help="LoRA rank of the device benchmark (the README recipe uses 8)")
-    g.add_argument("--smoke_device_path", action="store_true", help="run the --device cuda code path on the CPU with a tiny prior (a check, not a figure)")
+    g.add_argument("--modes", default=None, help="comma-separated trainer modes (device_bench.MODES); default: eager bf16 and fp16, compile default and reduce-overhead, checkpointing 1, 0.5, 0.25")
+    g.add_argument("--steps", type=int, default=None, help="training steps per trainer run (default 60; smoke 6)")
+    g.add_argument("--compile_backend", default=None, help="torch.compile backend of the compile modes (default inductor; smoke: aot_eager, which compiles in seconds)")
+    g.add_argument("--out", default=None, help="folder for results.json and results.md (default bench/device_results or bench/smoke_results)")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="CPU memory probe: checkpoint this probe")
+    g.add_argument("--smoke_device_path", action="store_true", help="run the --device cuda code path on the CPU with tiny sizes (a check, not a figure)")
     p.add_argument("--breakdown_steps", type=int, default=40, help="steps timed part by part in the loop breakdown (after --n1 warm-up steps)")
     p.add_argument("--_memory_probe", choices=["lora", "full"], help=argparse.SUPPRESS)
     p.add_argument("--_memory_precision", choices=MEMORY_PRECISIONS, default="fp32", help=argparse.SUPPRESS)
@@ -1308,24 +1162,10 @@ def main(argv=None):
     quiet_library_logs()
     print_header(args)
 
-    if args.smoke_device_path:
-        check_flop_counter()
-        cfg = dict(SCALED_PRIOR, c=64, depth=2, nhead=2, c_cond=32)
-        rows, flops = run_device_benchmark(args, "cpu", cfg, 2, 4, torch.bfloat16, steps=2, warmup=1)
-        lat = measure_latency(cfg, "cpu", torch.bfloat16, 2, 4, args.rank_device, repeats=3, warmup=1)
-        print_device_results(args, "cpu", cfg, 2, 4, torch.bfloat16, rows, flops, lat)
-        return 0
+    if args.smoke_device_path or args.device == "cuda":
+        import device_bench
 
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            print("error: --device cuda but torch sees no GPU", file=sys.stderr)
-            return 2
-        torch.backends.cuda.matmul.allow_tf32 = True
-        print_params()
-        rows, flops = run_device_benchmark(args, "cuda", REAL_PRIOR, GPU_BATCH, GPU_GRID, torch.bfloat16, args.steps, args.warmup)
-        lat = measure_latency(REAL_PRIOR, "cuda", torch.bfloat16, GPU_BATCH, GPU_GRID, args.rank_device, repeats=args.latency_repeats)
-        print_device_results(args, "cuda", REAL_PRIOR, GPU_BATCH, GPU_GRID, torch.bfloat16, rows, flops, lat)
-        return 0
+        return device_bench.run(args)
 
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     unknown = sections - {"loop", "floor", "breakdown", "cache", "memory", "params", "latency", "flops"}

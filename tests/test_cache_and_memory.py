@@ -222,13 +222,17 @@ def test_8bit_adam_without_bitsandbytes_says_how_to_fix(tiny, monkeypatch):
     assert isinstance(trainer.make_optimizer(args, [torch.nn.Parameter(torch.zeros(2))], "cpu"), torch.optim.AdamW)
 
 
-def test_torch_compile_flag_reaches_accelerate(tiny, tmp_path):
+def test_accelerate_config_compile_becomes_block_compile(tiny, tmp_path, monkeypatch):
+    """An accelerate config with dynamo_backend: never accelerate's whole-model compile (its
+    `_orig_mod.` keys break the LoRA file), the trainer's block-by-block compile instead."""
     from accelerate.state import AcceleratorState
 
-    args = cache_args(tiny, torch_compile=True, output_dir=str(tmp_path), report_to="none")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "AOT_EAGER")
+    args = cache_args(tiny, output_dir=str(tmp_path), report_to="none")
     AcceleratorState._reset_state(reset_partial_state=True)  # earlier in-process runs may have set it up
     try:
         accelerator = trainer.make_accelerator(args)
-        assert accelerator.state.dynamo_plugin.backend.value.lower() == "inductor"
+        assert accelerator.state.dynamo_plugin.backend.value.lower() == "no"
+        assert (args.torch_compile, args.torch_compile_backend) == ("default", "aot_eager")
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)

@@ -65,7 +65,7 @@ def test_cached_dropout_shuffle_and_repeats(tiny, tmp_path):
             kinds.add("empty" if torch.allclose(text, empty, atol=1e-5) else "prefixed" if torch.allclose(text, prefixed, atol=1e-5) else "other")
     assert kinds == {"empty", "prefixed"}
     cached.set_epoch(0)
-    assert cached[0]["noise_seed"] != cached[8]["noise_seed"]  # a repeat is a different draw
+    assert not torch.equal(cached[0]["noise"], cached[8]["noise"])  # a repeat is a different draw
 
     shuffled = CachedExamples(str(tmp_path / "c"), 64, False, 0, CaptionOptions(prefix="sks, ", shuffle_tags=True, keep_tokens=1),
                               raw_captions=["first, b, c, d, e"] * len(dataset))

@@ -83,10 +83,15 @@ def test_unweighted_loss_is_plain_mse(tiny):
 
 
 def test_noise_offset_shifts_each_channel_and_is_reproducible():
-    seeds = torch.tensor([1, 2, 3])
-    plain, t0 = trainer.sample_noise(seeds, (16, 8, 8), "cpu")
-    offset, t1 = trainer.sample_noise(seeds, (16, 8, 8), "cpu", noise_offset=0.5)
-    again, _ = trainer.sample_noise(seeds, (16, 8, 8), "cpu", noise_offset=0.5)
+    from wuerstchen_data import sample_noise
+
+    def draw(offset):
+        noises, timesteps = zip(*(sample_noise(seed, (16, 8, 8), offset) for seed in (1, 2, 3)))
+        return torch.stack(noises), torch.stack(timesteps)
+
+    plain, t0 = draw(0.0)
+    offset, t1 = draw(0.5)
+    again, _ = draw(0.5)
     assert torch.equal(offset, again) and torch.equal(t0, t1)
     shift = (offset - plain).flatten(2)
     assert torch.allclose(shift, shift[..., :1].expand_as(shift), atol=1e-6)  # one constant per sample and channel
