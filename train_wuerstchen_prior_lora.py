@@ -109,6 +109,7 @@ def parse_args(argv=None):
     g.add_argument("--shuffle_tags", action="store_true", help="shuffle comma-separated tags each time a sample is drawn (captions are then encoded every step)")
     g.add_argument("--keep_tokens", type=int, default=0, help="with --shuffle_tags: the first N tags stay in place")
     g.add_argument("--max_bad_images", type=float, default=0.05, help="largest share of unreadable images to skip before refusing to train")
+    g.add_argument("--allow_missing_captions", action="store_true", help="train even when more than half of the captions are missing or empty (they train as the empty caption)")
     cache = g.add_mutually_exclusive_group()
     cache.add_argument("--cache_embeddings", dest="cache_embeddings", action="store_true", default=True, help="encode images and captions once and train from the cache (default; see embedding_cache.py for random crops)")
     cache.add_argument("--no_cache_embeddings", dest="cache_embeddings", action="store_false", help="run EfficientNet and CLIP on every step (pixel-exact random crops)")
@@ -165,13 +166,102 @@ def parse_args(argv=None):
     g.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
     g.add_argument("--logging_steps", type=int, default=10, help="read losses back from the GPU every N steps (every step is still logged); the only wait for the GPU between checkpoints")
 
-    args = p.parse_args(argv)
+    args = p.parse_args(attach_negative_numbers(p, argv))
     check_args(args)
     return args
 
 
+def attach_negative_numbers(parser, argv):
+    """`--learning_rate -1e-4` as `--learning_rate=-1e-4`, for every int and float flag.
+
+    argparse reads a value that starts with '-' as an option unless it looks like -1 or -0.5, so
+    -1e-4, -1. or -inf would fail with "expected one argument". Attached, the value reaches
+    check_args, which says what is wrong with it."""
+    numeric = {s for a in parser._actions if a.type in (int, float) and a.nargs is None for s in a.option_strings}
+    argv, out, i = list(sys.argv[1:] if argv is None else argv), [], 0
+    while i < len(argv):
+        if argv[i] == "--":
+            out += argv[i:]
+            break
+        if argv[i] in numeric and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            try:
+                float(argv[i + 1])
+            except ValueError:
+                pass
+            else:
+                out.append(f"{argv[i]}={argv[i + 1]}")
+                i += 2
+                continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def warn(message):
+    """A one-line `warning: ...` on stderr, from the main process only (before accelerate exists)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def inside(path, folder):
+    """Whether `path` is `folder` or lies under it (symlinks resolved; `path` need not exist yet)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def read_prior_config(path, revision=None, download=False):
+    """The prior's config.json as a dict before any model loads: from a local folder, the hub cache,
+    or (download=True) the hub; None when it cannot be had."""
+    import json
+
+    if os.path.isdir(path):
+        file = os.path.join(path, "prior", "config.json")
+    else:
+        try:
+            from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+            if download:
+                file = hf_hub_download(path, "config.json", subfolder="prior", revision=revision)
+            else:
+                file = try_to_load_from_cache(path, "prior/config.json", revision=revision)
+        except Exception:  # offline, no such repo, a malformed id: the models' loading reports it
+            return None
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (OSError, TypeError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def check_lora_rank(args, config):
+    """--rank against the width (the smaller side) of each adapted Linear layer, read from the
+    prior's config. A rank above a layer's width cannot raise the rank of its update, only add
+    parameters: an error when that holds for every adapted layer (nothing is low-rank any more: a
+    typo, or a setting for another model), a warning when only some layers are narrower (the
+    all-linear timestep mapper, c_r wide, at a rank that suits the attention layers)."""
+    if not config or not all(isinstance(config.get(k), int) for k in ("c", "c_cond", "c_r")):
+        return
+    c, c_cond, c_r = config["c"], config["c_cond"], config["c_r"]
+    widths = {"to_q": c, "to_k": c, "to_v": c, "to_out.0": c, "channelwise.0": c, "channelwise.4": c,
+              "kv_mapper.1": min(c_cond, c), "mapper": min(c_r, 2 * c), "cond_mapper.0": min(c_cond, c), "cond_mapper.2": c}
+    adapted = {t: w for t in args.lora_target_modules for name, w in widths.items() if t == name or t.endswith("." + name)}
+    narrow = sorted(t for t, w in adapted.items() if args.rank > w)
+    if not narrow:
+        return
+    widest = max(adapted.values())
+    if len(narrow) == len(adapted):
+        raise UserError(f"--rank {args.rank} is larger than every adapted layer is wide (at most {widest} features, prior config c={c}): "
+                        f"the update cannot exceed rank {widest}, the extra rank only adds parameters; use --rank {widest} or less")
+    warn(f"--rank {args.rank} is larger than {', '.join(f'{t} ({adapted[t]} wide)' for t in narrow)}: "
+         "those layers' updates stay at their width, the extra rank there only adds parameters")
+
+
 def check_args(args):
     """Cross-flag checks, before anything heavy is loaded."""
+    for name, value in vars(args).items():  # nan and inf pass every comparison below
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number (got {value})")
     if not 0 <= args.caption_dropout < 1:
         raise UserError(f"--caption_dropout is a probability in [0, 1) (got {args.caption_dropout:g})")
     if args.keep_tokens < 0 or (args.keep_tokens and not args.shuffle_tags):
@@ -181,9 +271,14 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name} must be positive (got {value:g})")
-    for name in ("checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers", "max_grad_norm"):
+    for name in ("checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers", "max_grad_norm", "adam_weight_decay"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be 0 or more (got {getattr(args, name):g})")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise UserError(f"--{name} must be in [0, 1) (got {getattr(args, name):g})")
+    if args.adam_epsilon <= 0:
+        raise UserError(f"--adam_epsilon must be positive (got {args.adam_epsilon:g})")
     if not 0 <= args.max_bad_images < 1:
         raise UserError(f"--max_bad_images is a fraction in [0, 1) (got {args.max_bad_images:g})")
     if args.resolution % 32:
@@ -204,6 +299,13 @@ def check_args(args):
             raise UserError("--lora_target_modules is empty; leave it out to use --lora_targets (default: attention projections)")
     if os.path.isfile(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir} is a file; give a folder")
+    for data_flag in ("dataset", "validation_dataset"):
+        folder = getattr(args, data_flag)
+        for out_flag in ("output_dir", "embeddings_cache_dir"):
+            out = getattr(args, out_flag)
+            if folder and out and os.path.isdir(folder) and inside(out, folder):
+                raise UserError(f"--{out_flag} {out} is inside --{data_flag} {folder}: what a run writes there (validation images, "
+                                "checkpoints, the cache) would be read as data by the next run; put it outside the dataset folder")
     if args.resume_from_checkpoint == "latest" and not list_checkpoints(args.output_dir):
         raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N in {args.output_dir}; start without the flag")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
@@ -229,6 +331,12 @@ def check_args(args):
         raise UserError(f"--bucket_max_upscale is a factor of 1 or more (got {args.bucket_max_upscale:g})")
     if args.push_to_hub and not args.hub_model_id:
         args.hub_model_id = os.path.basename(os.path.abspath(args.output_dir))
+    if args.lr_warmup_steps and args.lr_scheduler == "constant":
+        warn(f"--lr_warmup_steps {args.lr_warmup_steps} does nothing with --lr_scheduler constant (the default); use --lr_scheduler constant_with_warmup")
+    elif args.max_train_steps and args.lr_warmup_steps >= args.max_train_steps:
+        warn(f"--lr_warmup_steps {args.lr_warmup_steps} is not shorter than the run ({args.max_train_steps} steps): "
+             f"the learning rate never reaches --learning_rate {args.learning_rate:g}")
+    check_lora_rank(args, read_prior_config(args.pretrained_prior_model_name_or_path, args.revision))
     if not args.dataset:
         raise UserError("--dataset is required: a hub dataset name, a local folder, or a .jsonl/.csv/.parquet file")
 
@@ -552,15 +660,28 @@ def load_data(args, accelerator):
     from accelerate.utils import gather_object
     from transformers import CLIPTokenizer
 
-    from wuerstchen_data import caption_stats, inspect_images, load_training_dataset
+    from wuerstchen_data import caption_stats, check_captions, inspect_images, load_training_dataset
     from wuerstchen_models import model_load_errors
 
+    loaded = {}  # what loading converted or left out
     with accelerator.main_process_first():
-        dataset, image_column, caption_column = load_training_dataset(args.dataset, args.image_column, args.caption_column, cache_dir=args.cache_dir)
-        with model_load_errors(args.pretrained_prior_model_name_or_path, "tokenizer"):
-            tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_prior_model_name_or_path, subfolder="tokenizer", revision=args.revision)
+        dataset, image_column, caption_column = load_training_dataset(args.dataset, args.image_column, args.caption_column, cache_dir=args.cache_dir, stats=loaded)
     if args.max_train_samples is not None:
         dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
+    if loaded.get("unlisted_images") and accelerator.is_main_process:
+        warn(f"{loaded['unlisted_images']} images in {args.dataset} are not listed in its metadata file and are left out")
+    if loaded.get("numeric_captions"):
+        accelerator.print(f"note: the captions in column {caption_column!r} are numbers ({loaded['numeric_caption_dtype']}); "
+                          f"{loaded['numeric_captions']} were converted to text, e.g. {loaded['numeric_caption_example']!r}")
+    missing_captions = check_captions(dataset, caption_column, args.dataset, args.allow_missing_captions)
+    if missing_captions and accelerator.is_main_process:
+        print(missing_captions, file=sys.stderr)
+    with accelerator.main_process_first():
+        with model_load_errors(args.pretrained_prior_model_name_or_path, "tokenizer"):
+            tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_prior_model_name_or_path, subfolder="tokenizer", revision=args.revision)
+        if not os.path.isdir(args.pretrained_prior_model_name_or_path) and read_prior_config(args.pretrained_prior_model_name_or_path, args.revision) is None:
+            # Not in the hub cache when the arguments were checked: fetch the small config now (the prior needs it anyway).
+            check_lora_rank(args, read_prior_config(args.pretrained_prior_model_name_or_path, args.revision, download=True))
     args.image_column, args.caption_column = image_column, caption_column
     share = range(accelerator.process_index, len(dataset), accelerator.num_processes)
     sizes, bad = inspect_images(dataset, image_column, share)
@@ -592,6 +713,8 @@ def load_data(args, accelerator):
     dataset = dataset.select(keep) if len(keep) != len(dataset) else dataset
     report["images"] = len(dataset)
     report.update(caption_stats(dataset, caption_column, tokenizer))
+    # Counted over the whole dataset, before --max_train_samples and the image checks.
+    report["numeric_captions"], report["unlisted_images"] = loaded.get("numeric_captions", 0), loaded.get("unlisted_images", 0)
     return dataset, held_out, row_buckets, report
 
 
@@ -967,10 +1090,15 @@ def train(args):
     global_step = resume_checkpoint(accelerator, args) if args.resume_from_checkpoint else 0
     if args.report_to != "none":
         accelerator.init_trackers("wuerstchen-prior-lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()})
-    effective_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    accelerator.print(f"{len(run.dataloader.dataset)} samples, {run.max_steps} steps, effective batch {effective_batch} "
-                      f"({args.train_batch_size} x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation), "
-                      f"{args.mixed_precision} on {accelerator.device}")
+    from wuerstchen_data import describe_effective_batch
+
+    # True also for a dataset smaller than one batch or one accumulation window (windows end with the epoch).
+    effective_batch = describe_effective_batch(len(run.dataloader.dataset), args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps,
+                                               len(run.dataloader), padded=accelerator.num_processes > 1 or run.bucket_sampler is not None)
+    accelerator.print(f"{len(run.dataloader.dataset)} samples, {run.max_steps} steps, {effective_batch}, {args.mixed_precision} on {accelerator.device}")
+    if not args.max_train_steps and args.lr_scheduler != "constant" and args.lr_warmup_steps >= run.max_steps and accelerator.is_main_process:
+        warn(f"--lr_warmup_steps {args.lr_warmup_steps} is not shorter than the run ({run.max_steps} steps): "
+             f"the learning rate never reaches --learning_rate {args.learning_rate:g}")
 
     from tqdm.auto import tqdm
 
@@ -1020,6 +1148,9 @@ def print_summary(accelerator, report):
     for key, text in (("empty_captions", "empty captions (trained as unconditional)"), ("long_captions", "captions longer than 77 tokens (truncated)"),
                       ("non_utf8_caption_files", "caption files not in UTF-8 (read as Latin-1)"), ("skipped_nonfinite_steps", "steps skipped for a non-finite loss")):
         lines.append(f"{report.get(key, 0)} {text}")
+    for key, text in (("numeric_captions", "numeric captions (converted to text)"), ("unlisted_images", "images not listed in the metadata (left out)")):
+        if report.get(key):
+            lines.append(f"{report[key]} {text}")
     accelerator.print("data summary: " + "; ".join(lines))
 
 

@@ -73,11 +73,14 @@ def _caption_folder(folder, images):
     return datasets.Dataset.from_dict({"image": paths, "text": captions}, features=features)
 
 
-def _load_from_folder(folder, cache_dir):
+def _load_from_folder(folder, cache_dir, stats=None):
     import datasets
 
     if any(os.path.isfile(os.path.join(folder, m)) for m in METADATA_FILES):
-        return datasets.load_dataset("imagefolder", data_dir=folder, split="train", cache_dir=cache_dir)
+        dataset = datasets.load_dataset("imagefolder", data_dir=folder, split="train", cache_dir=cache_dir)
+        if stats is not None:  # images the metadata does not list are left out by `datasets`, silently
+            stats["unlisted_images"] = max(0, len(_list_images(folder)) - len(dataset))
+        return dataset
     images = _list_images(folder)
     if not images:
         raise UserError(f"--dataset {folder}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -125,6 +128,7 @@ def _pick_column(dataset, requested, flag, candidates, want_image):
 
     if want_image:
         typed = [c for c in columns if isinstance(dataset.features[c], datasets.Image)]
+        typed += [c for c in columns if _is_image_struct(dataset.features[c])]
         if typed:
             return typed[0]
     for name in candidates:
@@ -134,14 +138,13 @@ def _pick_column(dataset, requested, flag, candidates, want_image):
     raise UserError(f"no {kind} column found; pass {flag} (the dataset has: {', '.join(columns)})")
 
 
-def load_training_dataset(spec, image_column=None, caption_column=None, revision=None, cache_dir=None):
-    """Returns (datasets.Dataset, image column, caption column) with the image column decoded to PIL."""
-    import datasets
-
+def load_training_dataset(spec, image_column=None, caption_column=None, revision=None, cache_dir=None, stats=None):
+    """Returns (datasets.Dataset, image column, caption column) with the image column decoded to PIL
+    and the captions as text. `stats` (a dict), when given, receives what was converted or left out."""
     if not spec:
         raise UserError("--dataset is required: a hub dataset name, a local folder, or a .jsonl/.csv/.parquet file")
     if os.path.isdir(spec):
-        dataset = _load_from_folder(spec, cache_dir)
+        dataset = _load_from_folder(spec, cache_dir, stats)
     elif os.path.isfile(spec):
         dataset = _load_from_file(spec, cache_dir)
     elif os.path.splitext(spec)[1].lower() in FILE_BUILDERS or spec.startswith((".", "/", "~")):
@@ -153,16 +156,125 @@ def load_training_dataset(spec, image_column=None, caption_column=None, revision
 
     image_column = _pick_column(dataset, image_column, "--image_column", IMAGE_COLUMN_NAMES, want_image=True)
     caption_column = _pick_column(dataset, caption_column, "--caption_column", CAPTION_COLUMN_NAMES, want_image=False)
-    if not isinstance(dataset.features[image_column], datasets.Image):
-        # A column of paths: relative ones are relative to the file that lists them.
-        base = os.path.dirname(os.path.abspath(spec)) if os.path.isfile(spec) else None
-        if base is not None:
-            dataset = dataset.map(
-                lambda row: {image_column: os.path.join(base, row[image_column])},
-                desc="Resolving image paths",
-            )
-        dataset = dataset.cast_column(image_column, datasets.Image())
+    # Relative image paths are relative to the file that lists them.
+    base = os.path.dirname(os.path.abspath(spec)) if os.path.isfile(spec) else None
+    dataset = _as_image_column(dataset, image_column, base)
+    dataset = _captions_as_text(dataset, caption_column, stats)
     return dataset, image_column, caption_column
+
+
+def _describe_feature(feature):
+    import datasets
+
+    if isinstance(feature, datasets.Value):
+        return f"{feature.dtype} values"
+    if isinstance(feature, datasets.Image):
+        return "images"
+    if isinstance(feature, dict):
+        return f"records ({', '.join(feature)})"
+    return type(feature).__name__
+
+
+def _is_image_struct(feature):
+    """{bytes, path} records written without the `datasets` Image feature (plain pyarrow or pandas),
+    or a column of raw image bytes."""
+    import datasets
+
+    if isinstance(feature, dict):
+        return "bytes" in feature and set(feature) <= {"bytes", "path"}
+    return isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary")
+
+
+def _as_image_column(dataset, column, base):
+    """The image column as datasets.Image, whatever holds the images: paths (relative ones resolved
+    against `base`), the `datasets` Image encoding, {bytes, path} records written by plain pyarrow
+    or pandas (path None, a bare file name or a real path), or raw bytes. A record's bytes win over
+    its path; a record without bytes is read from its path."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    feature = dataset.features[column]
+    if isinstance(feature, datasets.Image) and feature.decode and base is None:
+        return dataset  # a hub dataset or an imagefolder: `datasets` resolved the paths already
+    if not isinstance(feature, datasets.Image):
+        try:
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        except (TypeError, ValueError, NotImplementedError, pa.ArrowException) as e:
+            raise UserError(f"--image_column {column!r} holds {_describe_feature(feature)}, not images or image paths; "
+                            f"name the image column with --image_column (the dataset has: {', '.join(dataset.column_names)})") from e
+    elif feature.decode:
+        dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    if base is not None:
+        storage = dataset.data.column(column)
+        path_only = pc.and_(pc.is_null(pc.struct_field(storage, "bytes")), pc.is_valid(pc.struct_field(storage, "path")))
+        if pc.any(path_only).as_py():
+
+            def resolve(value):
+                path = value and value["path"]
+                if value["bytes"] is None and path and not os.path.isabs(path) and "://" not in path:
+                    return {"bytes": None, "path": os.path.join(base, path)}
+                return value
+
+            dataset = dataset.map(lambda batch: {column: [resolve(v) if v else v for v in batch[column]]}, batched=True,
+                                  features=dataset.features, desc="Resolving image paths")
+    return dataset.cast_column(column, datasets.Image())
+
+
+def _caption_kind(feature):
+    """"text", "numbers" or None (not captions) for a caption column (a list column by its items)."""
+    import datasets
+
+    inner = feature.feature if isinstance(feature, (datasets.List, datasets.LargeList)) else feature
+    if not isinstance(inner, datasets.Value):
+        return None
+    if inner.dtype in ("string", "large_string", "null"):
+        return "text"
+    if inner.dtype.startswith(("int", "uint", "float", "double", "bool", "decimal")):
+        return "numbers"
+    return None
+
+
+def _number_as_text(value):
+    """42 -> "42", 3.0 -> "3" (pandas turns integer columns with gaps into floats), 2.5 -> "2.5";
+    None and NaN stay missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _captions_as_text(dataset, column, stats=None):
+    """Captions as strings: a column of numbers (a .csv/.jsonl of numeric labels, say) would
+    otherwise be read as missing by the cache and as text by the uncached path. Counts the
+    converted captions in `stats["numeric_captions"]` (with an example)."""
+    import datasets
+
+    feature = dataset.features[column]
+    kind = _caption_kind(feature)
+    if kind is None:
+        raise UserError(f"--caption_column {column!r} holds {_describe_feature(feature)}, not text; "
+                        f"name the caption column with --caption_column (the dataset has: {', '.join(dataset.column_names)})")
+    if kind == "text":
+        return dataset
+    is_list = not isinstance(feature, datasets.Value)
+    features = dataset.features.copy()
+    features[column] = datasets.List(datasets.Value("string")) if is_list else datasets.Value("string")
+
+    def convert(value):
+        if is_list:
+            return None if value is None else [t for t in map(_number_as_text, value) if t is not None]
+        return _number_as_text(value)
+
+    dataset = dataset.map(lambda batch: {column: [convert(v) for v in batch[column]]}, batched=True, features=features,
+                          desc="Captions: numbers to text")
+    converted = [v for v in dataset[column] if v]
+    if stats is not None:
+        stats["numeric_captions"] = len(converted)
+        stats["numeric_caption_dtype"] = str(getattr(feature, "feature", feature).dtype)
+        stats["numeric_caption_example"] = (converted[0][0] if is_list else converted[0]) if converted else None
+    return dataset
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,8 +289,10 @@ def inspect_image(value):
         data, path = value.get("bytes"), value.get("path")
     else:
         data, path = None, value
+    if data is None and not path:
+        return "no image (an empty value in the image column)", None
     try:
-        if data is None and path and os.path.getsize(path) == 0:
+        if data is None and os.path.getsize(path) == 0:
             return "empty file", None
         with Image.open(io.BytesIO(data) if data is not None else path) as image:
             image.load()
@@ -273,9 +387,38 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return iter(batches)
 
 
+def describe_effective_batch(samples, batch_size, processes, accumulation, batches_per_epoch, padded=False):
+    """The "effective batch ..." part of the start-up line, true also for a dataset smaller than one
+    batch or one accumulation window.
+
+    `samples` per epoch (rows x repeats), `batches_per_epoch` per process (the prepared DataLoader's
+    length). accelerate ends an accumulation window at the end of every epoch (windows never span
+    epochs): an epoch shorter than a window gives one update per epoch over all its samples, and an
+    epoch that is not a whole number of windows ends with a smaller update. `padded`: batches are
+    topped up with repeated samples (several processes, or aspect-ratio buckets), so every micro-batch
+    is full and only the number of micro-batches in a window varies.
+    """
+    formula = f"{batch_size} x {processes} processes x {accumulation} accumulation"
+    nominal = batch_size * processes * accumulation
+    windows = math.ceil(batches_per_epoch / accumulation)
+    drawn = batches_per_epoch * batch_size * processes if padded else samples  # per epoch, repeats included
+    if windows == 1 and min(drawn, samples) < nominal:
+        topped = f" (topped up to {drawn} with repeats)" if drawn > samples else ""
+        return (f"effective batch {samples}{topped}, capped by the dataset: {samples} sample{'s' * (samples != 1)} per epoch, "
+                f"fewer than {formula} = {nominal}; each update takes one whole epoch")
+    text = f"effective batch {nominal} ({formula})"
+    last = drawn - (windows - 1) * nominal
+    if 0 < last < nominal:
+        text += f"; the last update of each epoch takes the remaining {last} samples (accumulation windows end with the epoch)"
+    return text
+
+
 def caption_list(value):
-    """The non-empty captions of a row's caption value (one string or a list), stripped."""
+    """The non-empty captions of a row's caption value (one string or a list), stripped. Numbers
+    count as their text, as load_training_dataset converts them (the cache and the uncached path
+    must agree on what a caption is)."""
     values = value if isinstance(value, (list, tuple)) else [value]
+    values = [_number_as_text(v) if isinstance(v, (int, float)) else v for v in values]
     return [v.strip() for v in values if isinstance(v, str) and v.strip()]
 
 
@@ -289,6 +432,21 @@ def caption_stats(dataset, caption_column, tokenizer=None):
         if tokenizer is not None and texts:
             long += any(len(ids) > limit for ids in tokenizer(texts).input_ids)
     return {"empty_captions": empty, "long_captions": long, "non_utf8_caption_files": len(NON_UTF8_CAPTIONS)}
+
+
+def check_captions(dataset, caption_column, spec, allow_missing=False):
+    """Refuses a dataset whose captions are mostly missing or empty (null in a .jsonl/.parquet, blank
+    in a .csv, empty .txt files, a column of the wrong name or kind): such a run trains a mostly
+    unconditional LoRA and would end with exit status 0. Returns a warning line, or None, for fewer
+    missing captions (or more, with `allow_missing`)."""
+    missing = sum(not caption_list(value) for value in dataset[caption_column])
+    if not missing:
+        return None
+    share = f"{missing} of {len(dataset)} captions (column {caption_column!r}) are missing or empty"
+    if 2 * missing > len(dataset) and not allow_missing:
+        raise UserError(f"--dataset {spec}: {share}, so the LoRA would learn mostly without captions; fix the captions, "
+                        "name the right column with --caption_column, or pass --allow_missing_captions to train them as the empty caption")
+    return f"warning: {share}; those images train as the empty (unconditional) caption"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,10 +503,10 @@ def sample_noise(noise_seed, shape, noise_offset=0.0):
 
 
 def pick_caption(value, rng):
+    choices = caption_list(value)
     if isinstance(value, (list, tuple)):
-        choices = caption_list(value)
         return rng.choice(choices) if choices else ""
-    return "" if value is None else str(value).strip()
+    return choices[0] if choices else ""
 
 
 @dataclasses.dataclass(frozen=True)
