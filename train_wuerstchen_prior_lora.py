@@ -154,6 +154,7 @@ def parse_args(argv=None):
     g.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps; 0 = never")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N folder, or 'latest' in --output_dir")
+    g.add_argument("--discard_newer_checkpoints", action="store_true", help="with --resume_from_checkpoint an older checkpoint: delete the newer checkpoint-N folders in --output_dir (without it such a resume is refused)")
     g.add_argument("--push_to_hub", action="store_true", help="upload the LoRA, model card and validation images when training ends (log in with `huggingface-cli login` first)")
     g.add_argument("--hub_model_id", default=None, help="hub repo for --push_to_hub (default: the --output_dir folder's name)")
 
@@ -860,6 +861,9 @@ def setup(args):
     embeddings are cached before the encoders leave the device, LoRA exists before the optimiser."""
     run = argparse.Namespace(args=args)
     run.accelerator = accelerator = make_accelerator(args)
+    from run_guard import check_training_data, guard_run
+
+    run.resume_plan = guard_run(args, accelerator)  # the output-folder lock; the checkpoint checked before anything loads
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING if accelerator.is_main_process else logging.ERROR)
     quiet_library_logs()
     if args.allow_tf32:
@@ -867,6 +871,7 @@ def setup(args):
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     dataset, held_out, row_buckets, run.data_report = load_data(args, accelerator)
+    check_training_data(run.resume_plan, args, dataset)  # the data's fingerprint: recorded, and compared on resume
 
     run.dtype = dtype = weight_dtype_for(accelerator)
     prior, run.text_encoder, run.tokenizer, run.scheduler, run.image_encoder = load_frozen_models(args, accelerator.device, dtype)
@@ -1087,7 +1092,7 @@ def validate(run, global_step):
 def train(args):
     run = setup(args)
     accelerator = run.accelerator
-    global_step = resume_checkpoint(accelerator, args) if args.resume_from_checkpoint else 0
+    global_step = resume_checkpoint(run, args) if run.resume_plan else 0
     if args.report_to != "none":
         accelerator.init_trackers("wuerstchen-prior-lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()})
     from wuerstchen_data import describe_effective_batch
@@ -1106,7 +1111,7 @@ def train(args):
     run.nonfinite_in_a_row = run.nonfinite_total = 0
     run.window_losses, run.pending, run.clock = [], [], [(global_step, time.perf_counter())]
     # Resume point: whole epochs done, then the batches of the current epoch already consumed.
-    first_epoch, skip = divmod(global_step, run.steps_per_epoch)
+    first_epoch, skip = divmod(global_step, run.steps_per_epoch) if global_step < run.max_steps else (math.ceil(run.max_steps / run.steps_per_epoch), 0)
     skip *= args.gradient_accumulation_steps
     with run.progress, stop_on_signals(run):  # the bar closes on any exit: an error starts on its own line
         # Written once signals are handled: from the moment args.json exists, a SIGTERM ends in a
@@ -1155,6 +1160,9 @@ def print_summary(accelerator, report):
 
 
 def main(argv=None):
+    from run_guard import release_run_lock, write_failure_message
+
+    args = None
     try:
         args = parse_args(argv)
         train(args)
@@ -1170,6 +1178,14 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted before a checkpoint could be written; nothing was saved", file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk, a read-only or forbidden folder: one line; anything else: the traceback
+        message = write_failure_message(e, args)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        release_run_lock()
     return 0
 
 

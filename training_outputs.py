@@ -5,7 +5,6 @@ Every file is written under a temporary name and renamed into place; a checkpoin
 renamed into place once complete, so `latest` never picks a half-written one.
 """
 
-import json
 import os
 import re
 import shutil
@@ -97,45 +96,129 @@ def register_lora_checkpoint_hooks(accelerator, prior, lora_config, info):
 
 
 def save_checkpoint(accelerator, args, global_step):
-    """accelerate state (LoRA via the hook, optimiser, LR schedule, grad scaler, RNG) into checkpoint-N.
+    """accelerate state (LoRA via the hook, optimiser, LR schedule, grad scaler, RNG) into checkpoint-N,
+    with trainer_state.json recording what a resume depends on (run_guard.checkpoint_state).
 
-    Written under a temporary name and renamed once complete, so `latest` never picks a half-written one.
+    Written under a temporary name and renamed once complete, so `latest` never picks a half-written
+    one; a failed write (a full disk) removes the temporary folder and leaves every earlier file.
     """
+    from run_guard import checkpoint_state, disk_problem
+
     final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{global_step}")
     if accelerator.is_main_process and os.path.isdir(tmp):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_json(os.path.join(tmp, TRAINER_STATE_NAME), {"global_step": global_step, "seed": args.seed, "num_processes": accelerator.num_processes})
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if args.checkpoints_total_limit:
-            for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-                shutil.rmtree(old)
+    try:
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_json(os.path.join(tmp, TRAINER_STATE_NAME), checkpoint_state(args, accelerator, global_step))
+            replace_folder(tmp, final)
+    except Exception as e:
+        # torch.save says only "unexpected pos ..." on a full disk: look before the partial files go.
+        problem = disk_problem(tmp) if accelerator.is_main_process and not isinstance(e, OSError) else None
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if problem:
+            raise OSError(problem, os.strerror(problem), final) from e
+        raise
+    if accelerator.is_main_process and args.checkpoints_total_limit:
+        prune_checkpoints(args.output_dir, args.checkpoints_total_limit, global_step)
     accelerator.wait_for_everyone()
     return final
 
 
-def resume_checkpoint(accelerator, args):
-    """Load the checkpoint named by --resume_from_checkpoint; returns the global step it was saved at."""
-    if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(args.output_dir)
-        if not found:
-            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N in {args.output_dir}; start without it")
-        path = found[-1][1]
-    else:
-        path = args.resume_from_checkpoint
-        if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
-            raise UserError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINER_STATE_NAME})")
-    with open(os.path.join(path, TRAINER_STATE_NAME)) as f:
-        state = json.load(f)
-    accelerator.load_state(path)
-    accelerator.print(f"resumed from {path} at step {state['global_step']}")
-    return state["global_step"]
+def replace_folder(tmp, final):
+    """Rename `tmp` onto `final`; an existing `final` is moved aside first and removed only after."""
+    old = None
+    if os.path.isdir(final):
+        old = os.path.join(os.path.dirname(final), ".tmp-old-" + os.path.basename(final))
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prune_checkpoints(output_dir, limit, current_step):
+    """Keep the newest `limit` checkpoints up to `current_step`: the one just written is always
+    among them, and none newer than it is touched here."""
+    done = [(s, p) for s, p in list_checkpoints(output_dir) if s <= current_step]
+    for _, old in done[:-limit]:
+        shutil.rmtree(old)
+
+
+def resume_checkpoint(run, args):
+    """Load the checkpoint run_guard.plan_resume checked; returns the global step it was saved at.
+
+    Settings that are safe to change take effect (a new learning rate, AdamW hyperparameters and
+    EMA decay, which the restored optimiser and schedule state would otherwise override) and are
+    reported in one line. With --discard_newer_checkpoints the newer checkpoints are deleted.
+    """
+    from run_guard import changed_settings, earlier_readable_checkpoint
+
+    accelerator, plan = run.accelerator, run.resume_plan
+    path, step = plan.path, plan.step
+    if step > run.max_steps:
+        raise UserError(f"{path} is at step {step}, past the {run.max_steps} steps this run is set to "
+                        f"(--num_train_epochs {args.num_train_epochs}); give --max_train_steps {step} or more")
+    try:
+        accelerator.load_state(path)
+    except UserError:
+        raise
+    except Exception as e:  # damage the up-front checks cannot see
+        earlier = earlier_readable_checkpoint(path, sharded_engine(accelerator))
+        fix = (f"resume from {earlier} instead (--resume_from_checkpoint {earlier} --discard_newer_checkpoints)" if earlier
+               else "start without --resume_from_checkpoint")
+        raise UserError(f"{path} could not be loaded ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}); {fix}") from e
+    apply_changed_hyperparameters(run, args, plan.old_args)
+    if plan.newer and accelerator.is_main_process:
+        for newer in plan.newer:
+            shutil.rmtree(newer, ignore_errors=True)
+        accelerator.print(f"--discard_newer_checkpoints: deleted {', '.join(os.path.basename(p) for p in plan.newer)}")
+    accelerator.wait_for_everyone()
+    accelerator.print(f"resumed from {path} at step {step}")
+    changes = changed_settings(plan, args)
+    if changes:
+        accelerator.print(f"changed since {os.path.basename(os.path.normpath(path))} (safe to change): {'; '.join(changes)}")
+    if step >= run.max_steps:
+        accelerator.print(f"{path} is at the last step ({step}): nothing left to train; writing the final files")
+    return step
+
+
+def apply_changed_hyperparameters(run, args, old):
+    """Make changed optimiser settings count: load_state restores the optimiser's param groups and
+    the schedule's base learning rates from the checkpoint, which would silently keep the old ones."""
+    def changed(*keys):
+        return any(k in old and old[k] != getattr(args, k) for k in keys)
+
+    groups = run.optimizer.param_groups
+    if changed("learning_rate"):
+        schedule = getattr(run.lr_scheduler, "scheduler", run.lr_scheduler)
+        if hasattr(schedule, "lr_lambdas") and hasattr(schedule, "base_lrs"):
+            schedule.base_lrs = [args.learning_rate for _ in schedule.base_lrs]
+            lrs = [base * fn(schedule.last_epoch) for base, fn in zip(schedule.base_lrs, schedule.lr_lambdas)]
+            schedule._last_lr = list(lrs)
+        else:
+            lrs = [args.learning_rate] * len(groups)
+        for group, lr in zip(groups, lrs):
+            group["lr"], group["initial_lr"] = lr, args.learning_rate
+    updates = []
+    if changed("adam_weight_decay"):
+        updates.append(("weight_decay", args.adam_weight_decay))
+    if changed("adam_epsilon"):
+        updates.append(("eps", args.adam_epsilon))
+    if changed("adam_beta1", "adam_beta2"):
+        updates.append(("betas", (args.adam_beta1, args.adam_beta2)))
+    for key, value in updates:
+        for group in groups:
+            current = group.get(key)
+            if isinstance(current, float) and isinstance(value, float) or isinstance(current, tuple) and len(current) == len(value):
+                group[key] = value
+    if changed("ema_decay") and getattr(run, "ema", None) is not None:
+        run.ema.decay = args.ema_decay
 
 
 def model_card(args, info):

@@ -274,14 +274,42 @@ def replaced_atomically(path):
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    os.close(fd)
+    while True:  # not mkstemp: its files are 0600; these get the user's umask like any other file
+        tmp = os.path.join(folder, f".tmp-{os.urandom(6).hex()}-{os.path.basename(path)}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         yield tmp
+        apply_umask(tmp)  # writers that replace the file themselves (safetensors: 0600) lose the mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask():
+    """The process umask, read without changing it (os.umask would, for a moment, in every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path):
+    """Give a finished file the mode a plain open() would have: 0666 minus the umask."""
+    try:
+        os.chmod(path, 0o666 & ~_umask())
+    except OSError:  # file systems without modes
+        pass
 
 
 def atomic_write_bytes(path, data):
@@ -333,6 +361,7 @@ def save_lora_file(output_dir, lora_state_dict, config_dict, weight_name=LORA_WE
         except TypeError:  # diffusers older than the metadata argument: alpha must then equal rank
             kwargs.pop("unet_lora_adapter_metadata")
             WuerstchenPriorPipeline.save_lora_weights(tmp, **kwargs)
+        apply_umask(os.path.join(tmp, LORA_WEIGHTS_NAME))
         os.replace(os.path.join(tmp, LORA_WEIGHTS_NAME), os.path.join(output_dir, weight_name))
     return os.path.join(output_dir, weight_name)
 

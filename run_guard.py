@@ -1,0 +1,534 @@
+"""Guards around a training run, all decided before any model loads:
+
+- one run per output folder: an advisory lock file (`.trainer.lock`, the owner's pid and host);
+  a lock whose pid is dead on this host is stale and taken over;
+- resume only what fits: the checkpoint records what it depends on (LoRA shape and variant,
+  resolution and buckets, the training data, batch layout, process count, seed, the step budget),
+  its files are checked for damage, and resuming it next to newer checkpoints is refused unless
+  --discard_newer_checkpoints says what to do with them;
+- a write that fails (a full disk, a read-only or forbidden folder) becomes one `error:` line.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import socket
+import struct
+import time
+import uuid
+import zipfile
+
+from training_outputs import CHECKPOINT_RE, TRAINER_STATE_NAME, list_checkpoints
+from wuerstchen_models import LORA_WEIGHTS_NAME, TRAINING_INFO_NAME, UserError
+
+LOCK_NAME = ".trainer.lock"
+STATE_FORMAT = 2
+# Schedules whose shape does not depend on the run's length: --max_train_steps may change on resume.
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+# What a resumed run depends on: a change is refused. (key, how the message names it)
+MUST_MATCH = (
+    ("rank", "--rank"), ("lora_alpha", "--lora_alpha"), ("lora_target_modules", "--lora_target_modules"),
+    ("use_dora", "--use_dora"), ("use_rslora", "--use_rslora"), ("resolution", "--resolution"),
+    ("aspect_ratio_buckets", "--aspect_ratio_buckets"), ("train_batch_size", "--train_batch_size"),
+    ("gradient_accumulation_steps", "--gradient_accumulation_steps"), ("num_processes", "the process count"),
+    ("seed", "--seed"), ("repeats", "--repeats"), ("optimizer", "--optimizer"), ("use_ema", "--use_ema"),
+    ("distributed_type", "the distributed set-up"),
+)
+# Arguments never reported as changed on resume.
+NOT_REPORTED = {"resume_from_checkpoint", "discard_newer_checkpoints", "training_data"}
+
+
+# ----------------------------------------------------------------------------------------------
+# One run per output folder
+
+
+_HELD = []  # (lock path, token, output folder if this run created it)
+
+
+def lock_record(pid=None, host=None, token=None):
+    return {"pid": pid or os.getpid(), "host": host or socket.gethostname(), "token": token or uuid.uuid4().hex,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def _read_lock(path):
+    try:
+        with open(path) as f:
+            owner = json.load(f)
+        return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def acquire_run_lock(output_dir):
+    """Create OUTPUT/.trainer.lock for this process, or refuse while another live run holds it.
+
+    Advisory: it keeps two runs of this trainer apart, nothing else. Created with O_EXCL, so of two
+    runs starting together one wins; a lock left by a killed run (dead pid, same host) is replaced.
+    """
+    created = None
+    if not os.path.isdir(output_dir):
+        created = os.path.abspath(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LOCK_NAME)
+    record = lock_record()
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            owner = _read_lock(path)
+            if owner is None:  # being written this instant, or garbage left by a crash
+                try:
+                    age = time.time() - os.path.getmtime(path)
+                except OSError:
+                    continue
+                if age < 10:
+                    time.sleep(0.2)
+                    continue
+            elif owner.get("host") != record["host"] or (owner["pid"] != os.getpid() and _pid_alive(owner["pid"])):
+                raise UserError(
+                    f"--output_dir {output_dir} is in use by another run (pid {owner['pid']} on {owner.get('host')}, "
+                    f"started {owner.get('started', '?')}); wait for it to finish or use another --output_dir "
+                    f"(if that run is gone, delete {path})"
+                )
+            try:  # stale: its process is gone (or it is this process's own leftover)
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            continue
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+        except OSError as e:
+            os.close(fd)
+            os.unlink(path)
+            _remove_if_empty(created)
+            raise OSError(e.errno, e.strerror, path) from e
+        os.close(fd)
+        _HELD.append((path, record["token"], created))
+        return path
+    raise UserError(f"could not take the lock {path}; if no run is using --output_dir {output_dir}, delete it")
+
+
+def _remove_if_empty(folder):
+    if folder:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
+def release_run_lock():
+    """Remove the locks this process holds (called when main() ends, however it ends). A folder the
+    run created and left empty (it stopped before writing anything) goes too."""
+    while _HELD:
+        path, token, created = _HELD.pop()
+        owner = _read_lock(path)
+        if owner is not None and owner.get("token") == token:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        _remove_if_empty(created)
+
+
+def lock_output_dir(args, accelerator):
+    """The main process takes the lock (under several processes or machines only global rank 0);
+    every process learns the outcome, so all stop together when it is refused."""
+    message = None
+    if accelerator.is_main_process:
+        try:
+            acquire_run_lock(args.output_dir)
+        except UserError as e:
+            message = str(e)
+        except OSError as e:
+            message = write_failure_message(e, args) or f"cannot create {os.path.join(args.output_dir, LOCK_NAME)}: {e}"
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([message])[0]
+    if message:
+        raise UserError(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Write failures
+
+
+WRITE_PROBLEMS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+_TEXT_ERRNOS = (("No space left on device", errno.ENOSPC), ("os error 28", errno.ENOSPC), ("Disk quota exceeded", errno.EDQUOT),
+                ("Read-only file system", errno.EROFS), ("os error 30", errno.EROFS))
+
+
+def _write_errno(exc):
+    """(errno, file name) of a write failure anywhere in an exception's chain, else (None, None)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in WRITE_PROBLEMS:
+            return exc.errno, exc.filename
+        for text, code in _TEXT_ERRNOS:
+            if text in str(exc):
+                return code, None
+        exc = exc.__cause__ or exc.__context__
+    return None, None
+
+
+def disk_problem(folder):
+    """ENOSPC or EROFS when the file system holding `folder` is full or read-only now, else None.
+    For libraries whose write errors do not say why (torch.save: 'unexpected pos ...')."""
+    while folder and not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    try:
+        st = os.statvfs(folder or ".")
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    if st.f_bavail * st.f_frsize < (1 << 20):
+        return errno.ENOSPC
+    return None
+
+
+def write_failure_message(exc, args=None):
+    """One line for a failed write (full disk, read-only or forbidden folder), or None."""
+    code, filename = _write_errno(exc)
+    if code is None:
+        return None
+    output_dir = getattr(args, "output_dir", None)
+    where = filename or output_dir or "the output folder"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space or choose another --output_dir"
+    elif code == errno.EROFS:
+        fix = "choose a writable --output_dir"
+    else:  # also a file the run only reads: say what it is about, not "write"
+        fix = "check its permissions (the run writes only under --output_dir and the cache folders)"
+        return f"cannot access {where}: {WRITE_PROBLEMS[code]} ({os.strerror(code)}); {fix}"
+    resume = ""
+    if output_dir and list_checkpoints(output_dir):
+        resume = "; then continue with --resume_from_checkpoint latest"
+    return f"cannot write {where}: {WRITE_PROBLEMS[code]} ({os.strerror(code)}); {fix}{resume} (files written before are intact)"
+
+
+# ----------------------------------------------------------------------------------------------
+# What a checkpoint records
+
+
+def _json_value(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_settings(args, accelerator):
+    """What a resume depends on, as recorded in trainer_state.json and compared on resume."""
+    return {
+        "rank": args.rank,
+        "lora_alpha": float(args.lora_alpha),
+        "lora_target_modules": sorted(args.lora_target_modules),
+        "use_dora": bool(args.use_dora),
+        "use_rslora": bool(args.use_rslora),
+        "resolution": args.resolution,
+        "aspect_ratio_buckets": bool(args.aspect_ratio_buckets),
+        "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": accelerator.num_processes,
+        "seed": args.seed,
+        "repeats": args.repeats,
+        "optimizer": args.optimizer,
+        "use_ema": bool(args.use_ema),
+        "distributed_type": str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)),
+        "max_train_steps": args.max_train_steps,
+        "num_train_epochs": args.num_train_epochs,
+        "lr_scheduler": args.lr_scheduler,
+        "mixed_precision": args.mixed_precision,
+    }
+
+
+def checkpoint_state(args, accelerator, global_step):
+    """The content of checkpoint-N/trainer_state.json."""
+    return {
+        "format": STATE_FORMAT,
+        "global_step": global_step,
+        "seed": args.seed,
+        "num_processes": accelerator.num_processes,
+        "settings": run_settings(args, accelerator),
+        "data": getattr(args, "training_data", None),
+        "args": _json_value({k: v for k, v in vars(args).items() if k != "training_data"}),
+    }
+
+
+def data_fingerprint(args, dataset):
+    """The rows a run trains on, in order: each image's name (relative to the dataset) and size, or
+    a hash of its bytes when the dataset holds them, and its caption(s). Cheap (no decoding; file
+    sizes, not contents) and stable: moving the dataset folder keeps it, editing a caption or
+    replacing, adding or removing an image changes it, and so does another --max_train_samples,
+    --validation_split or bucket selection."""
+    import datasets
+
+    base = os.path.abspath(args.dataset) if os.path.exists(args.dataset) else None
+    if base and os.path.isfile(base):
+        base = os.path.dirname(base)
+    h = hashlib.sha256()
+    raw = dataset.cast_column(args.image_column, datasets.Image(decode=False)).select_columns([args.image_column, args.caption_column])
+    for batch in raw.iter(batch_size=256):
+        for image, caption in zip(batch[args.image_column], batch[args.caption_column]):
+            image = image if isinstance(image, dict) else {"path": image, "bytes": None}
+            if image.get("bytes") is not None:
+                ident = "bytes:" + hashlib.blake2b(image["bytes"], digest_size=16).hexdigest()
+            else:
+                path = image.get("path") or ""
+                try:
+                    size = os.path.getsize(path)
+                except OSError:
+                    size = -1
+                name = os.path.relpath(path, base) if base and os.path.isabs(path) else os.path.basename(path)
+                ident = f"file:{name}:{size}"
+            h.update(json.dumps([ident, caption], default=str).encode() + b"\n")
+    return {"dataset": args.dataset, "rows": len(dataset), "fingerprint": h.hexdigest()[:16]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking a checkpoint before resuming it
+
+
+class ResumePlan:
+    def __init__(self, path, step, state, newer):
+        self.path, self.step, self.state, self.newer = path, step, state, newer
+
+    @property
+    def old_args(self):
+        return self.state.get("args") or {}
+
+
+def _damaged(path, name, why, earlier):
+    file = os.path.join(path, name)
+    if earlier:
+        fix = f"resume from the newest readable one instead: --resume_from_checkpoint {earlier} --discard_newer_checkpoints"
+    else:
+        fix = "no earlier checkpoint is readable; start without --resume_from_checkpoint (in another --output_dir to keep this one)"
+    return UserError(f"checkpoint {path} cannot be resumed: {file} {why}; {fix}")
+
+
+def read_state(path):
+    """trainer_state.json as a dict, or the reason it cannot be used."""
+    try:
+        with open(os.path.join(path, TRAINER_STATE_NAME)) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        return None, "is missing (the checkpoint is incomplete)"
+    except (OSError, ValueError) as e:
+        return None, f"is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int) or state["global_step"] < 0:
+        return None, "is damaged (no global_step)"
+    return state, None
+
+
+def _safetensors_problem(file):
+    """Header parse and size check: a truncated or overwritten file shows here, without loading it."""
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "is truncated"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100 << 20:
+                return "is truncated or not a safetensors file"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"is damaged ({type(e).__name__})"
+    if 8 + n + end != size:
+        return f"is truncated ({size} bytes, its header describes {8 + n + end})"
+    return None
+
+
+def _torch_file_problem(file):
+    """accelerate's optimizer, scheduler, RNG and scaler files are torch zip archives: a truncated
+    one has no central directory; the CRCs catch damage inside (read, not unpickled)."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            if os.path.getsize(file) < (1 << 30) and archive.testzip() is not None:
+                return "is damaged (checksum mismatch)"
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+        return f"is truncated or damaged ({type(e).__name__})"
+    return None
+
+
+def checkpoint_problem(path, sharded):
+    """(file name, what is wrong) for the first unusable file of a checkpoint, or None."""
+    state, why = read_state(path)
+    if why:
+        return TRAINER_STATE_NAME, why
+    required = () if sharded else (LORA_WEIGHTS_NAME, "optimizer.bin")
+    for name in required:
+        if not os.path.isfile(os.path.join(path, name)):
+            return name, "is missing"
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        if name.endswith(".safetensors"):
+            problem = _safetensors_problem(file)
+        elif name.endswith((".bin", ".pkl", ".pt")):
+            problem = _torch_file_problem(file)
+        else:
+            continue
+        if problem:
+            return name, problem
+    return None
+
+
+def earlier_readable_checkpoint(path, sharded):
+    """The newest checkpoint beside `path` with a smaller step that passes checkpoint_problem."""
+    m = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    step = int(m.group(1)) if m else None
+    for s, other in reversed(list_checkpoints(os.path.dirname(os.path.normpath(path)) or ".")):
+        if (step is None or s < step) and os.path.normpath(other) != os.path.normpath(path) and checkpoint_problem(other, sharded) is None:
+            return other
+    return None
+
+
+def _old_settings(path, state):
+    """What a checkpoint from before trainer_state.json recorded settings still tells: the LoRA
+    config and resolution from its training_info.json, the seed and process count."""
+    settings = {k: state[k] for k in ("seed", "num_processes") if k in state}
+    try:
+        with open(os.path.join(path, TRAINING_INFO_NAME)) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return settings
+    lora = info.get("lora") or {}
+    for key, name in (("rank", "r"), ("lora_alpha", "lora_alpha"), ("use_dora", "use_dora"), ("use_rslora", "use_rslora")):
+        if name in lora:
+            settings[key] = float(lora[name]) if key == "lora_alpha" else lora[name]
+    if lora.get("target_modules"):
+        settings["lora_target_modules"] = sorted(lora["target_modules"])
+    if "resolution" in info:
+        settings["resolution"] = info["resolution"]
+    return settings
+
+
+def _show(value):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, float) and value.is_integer():
+        return f"{value:g}"
+    return str(value)
+
+
+def _setting_errors(old, new):
+    """Changed settings the checkpoint depends on, each as 'what was X, now Y'."""
+    changed = []
+    for key, flag in MUST_MATCH:
+        if key not in old or old[key] == new[key]:
+            continue
+        if key == "distributed_type" and old.get("num_processes") != new["num_processes"]:
+            continue  # the process count already says it
+        if key == "num_processes":
+            changed.append(f"process count {old[key]} (now {new[key]}; launch with --num_processes {old[key]})")
+        else:
+            changed.append(f"{flag} {_show(old[key])} (now {_show(new[key])})")
+    if new["mixed_precision"] == "fp16" and old.get("mixed_precision") not in (None, "fp16"):
+        changed.append(f"--mixed_precision {old['mixed_precision']} (now fp16: the checkpoint has no fp16 gradient-scaler state)")
+    if "max_train_steps" in old and new["lr_scheduler"] not in LENGTH_FREE_SCHEDULES:
+        old_len = (old["max_train_steps"], None if old["max_train_steps"] else old.get("num_train_epochs"))
+        new_len = (new["max_train_steps"], None if new["max_train_steps"] else new["num_train_epochs"])
+        if old_len != new_len:
+            was = f"--max_train_steps {old_len[0]}" if old_len[0] else f"--num_train_epochs {old_len[1]}"
+            now = f"--max_train_steps {new_len[0]}" if new_len[0] else f"--num_train_epochs {new_len[1]}"
+            changed.append(f"{was} (now {now}; the {new['lr_scheduler']} learning-rate schedule is laid out over the whole run)")
+    return changed
+
+
+def plan_resume(args, accelerator):
+    """Resolve --resume_from_checkpoint and check it against this run, reading only small files.
+    Returns None (no resume) or a ResumePlan; raises UserError with one line otherwise."""
+    from training_outputs import sharded_engine
+
+    if not args.resume_from_checkpoint:
+        if args.discard_newer_checkpoints:
+            raise UserError("--discard_newer_checkpoints only goes with --resume_from_checkpoint (it deletes the checkpoints newer than the one resumed)")
+        return None
+    sharded = sharded_engine(accelerator)
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(args.output_dir)
+        if not found:
+            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N in {args.output_dir}; start without the flag")
+        path = found[-1][1]
+    else:
+        path = args.resume_from_checkpoint
+        if not os.path.isdir(path):
+            raise UserError(f"--resume_from_checkpoint {path}: no such folder; give a checkpoint-N folder or 'latest'")
+        if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+            raise UserError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINER_STATE_NAME}); "
+                            f"give a checkpoint-N folder written by this trainer, or 'latest'")
+    problem = checkpoint_problem(path, sharded)
+    if problem:
+        raise _damaged(path, problem[0], problem[1], earlier_readable_checkpoint(path, sharded))
+    state, _ = read_state(path)
+    step = state["global_step"]
+    if args.max_train_steps is not None and args.max_train_steps < step:
+        old_max = (state.get("settings") or {}).get("max_train_steps")
+        raise UserError(f"--max_train_steps {args.max_train_steps} is below the step of {path} ({step}), so the run would already be over; "
+                        f"give --max_train_steps {old_max or step} (the checkpoint's)" + (" or more" if args.lr_scheduler in LENGTH_FREE_SCHEDULES else ""))
+    old = state.get("settings") or _old_settings(path, state)
+    changed = _setting_errors(old, run_settings(args, accelerator))
+    if changed:
+        raise UserError(f"{path} was trained with other settings: {'; '.join(changed)}. Resume with the checkpoint's settings, "
+                        f"or start a new run (without --resume_from_checkpoint, in another --output_dir)")
+    newer = [p for s, p in list_checkpoints(args.output_dir) if s > step]
+    if newer and not args.discard_newer_checkpoints:
+        names = ", ".join(os.path.basename(p) for p in newer)
+        raise UserError(f"--resume_from_checkpoint {path} is at step {step}, but {args.output_dir} holds newer checkpoints ({names}) "
+                        f"that 'latest' would pick over this run's; resume with --resume_from_checkpoint latest, "
+                        f"or add --discard_newer_checkpoints to delete them")
+    return ResumePlan(path, step, state, newer)
+
+
+def check_training_data(plan, args, dataset):
+    """After the data is loaded and checked (before models): record its fingerprint, and refuse
+    to resume a checkpoint trained on other data."""
+    args.training_data = data_fingerprint(args, dataset)
+    old = plan.state.get("data") if plan is not None else None
+    if old and old.get("fingerprint") != args.training_data["fingerprint"]:
+        new = args.training_data
+        raise UserError(
+            f"{plan.path} was trained on other data: --dataset {old.get('dataset')} with {old.get('rows')} images "
+            f"(now {new['dataset']} with {new['rows']} images; fingerprint {old.get('fingerprint')} -> {new['fingerprint']}). "
+            f"Resume with the same data and selection (--dataset, --max_train_samples, --validation_split, --bucket_max_upscale), "
+            f"or start a new run in another --output_dir"
+        )
+
+
+def guard_run(args, accelerator):
+    """At the start of setup: the lock, then the resume checks. Returns the ResumePlan (or None)."""
+    if args.discard_newer_checkpoints and not args.resume_from_checkpoint:
+        return plan_resume(args, accelerator)  # refused: nothing to discard from
+    lock_output_dir(args, accelerator)
+    return plan_resume(args, accelerator)
+
+
+def changed_settings(plan, args):
+    """'--flag old -> new' for every argument that differs from the checkpoint's (the safe ones:
+    anything that mattered was refused before)."""
+    old_args = plan.old_args
+    new_args = _json_value({k: v for k, v in vars(args).items() if k not in NOT_REPORTED})
+    return [f"--{k} {_show(old_args[k])} -> {_show(v)}" for k, v in sorted(new_args.items())
+            if k in old_args and k not in NOT_REPORTED and old_args[k] != v]
