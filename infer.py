@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate images with a trained Wuerstchen prior LoRA: prior + LoRA -> decoder -> PNG files.
+"""Generate images with a trained Wuerstchen prior LoRA: prior + LoRA -> decoder -> PNG (or JPEG, WebP) files.
 
     python infer.py --checkpoint out --prompt "yoda pokemon"
     python infer.py --checkpoint out/checkpoint-500 --prompt "yoda pokemon" --num_images 4 --output yoda.png
@@ -23,12 +23,13 @@ from wuerstchen_models import (
     build_prior_pipeline,
     check_lora_file,
     generate_images,
+    image_formats,
     load_decoder_pipeline,
     load_lora_checked,
     load_prior_components,
     quiet_library_logs,
     read_training_info,
-    save_png,
+    save_image,
     use_sdpa_attention,
 )
 
@@ -49,13 +50,13 @@ def parse_args(argv=None):
     p.add_argument("--prior_guidance_scale", type=float, default=4.0)
     p.add_argument("--decoder_steps", type=int, default=12)
     p.add_argument("--decoder_guidance_scale", type=float, default=0.0)
-    p.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA; 0 gives the base model")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA; 0 gives the base model (also for DoRA, whose magnitudes otherwise apply in full at any scale)")
     p.add_argument("--fuse_lora", action="store_true", help="merge the LoRA into the prior weights (same images, no extra latency)")
     p.add_argument("--prior_model", default=None, help="default: the base model the LoRA was trained on, else " + DEFAULT_PRIOR)
     p.add_argument("--decoder_model", default=None, help="default: the training metadata's decoder, else " + DEFAULT_DECODER)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--output", default="demo.png", help="PNG path; several images get -0, -1, ... before the suffix")
+    p.add_argument("--output", default="demo.png", help="image path: .png, .jpg/.jpeg or .webp (no extension: .png); several images get -0, -1, ... before the suffix")
     p.add_argument("--save_merged_prior", default=None, metavar="DIR", help="instead of generating: write the prior with the LoRA (times --lora_scale) merged in, loadable with WuerstchenPrior.from_pretrained")
     args = p.parse_args(argv)
     if args.save_merged_prior:
@@ -66,10 +67,14 @@ def parse_args(argv=None):
         raise UserError("--num_images and --decoder_steps must be positive")
     for side in ("height", "width"):
         value = getattr(args, side)
+        if value <= 0:
+            raise UserError(f"--{side} {value}: the image size must be positive; give a multiple of 128 such as 1024")
         rounded = max(128, round(value / 128) * 128)
         if value != rounded:
             print(f"note: --{side} {value} is not a multiple of 128; using {rounded}", file=sys.stderr)
             setattr(args, side, rounded)
+    if not args.save_merged_prior:
+        check_output_type(args.output)
     if args.save_merged_prior:
         args.prompts = []
     elif args.prompt_file is not None:
@@ -97,6 +102,23 @@ def resolve_lora_path(checkpoint):
     return checkpoint
 
 
+def check_output_type(output):
+    """Refuse an --output whose extension names no image type this script writes (no extension: .png)."""
+    if output.endswith(("/", os.sep)):
+        raise UserError(f"--output {output} is a folder; give an image path such as {os.path.join(output, 'image.png')}")
+    ext = os.path.splitext(output)[1]
+    if ext and ext.lower() not in image_formats():
+        raise UserError(f"--output {output}: unsupported image type {ext}; use {', '.join(image_formats())}")
+    return output
+
+
+def output_file(output):
+    """The --output path to write, checked before any model loads: not a folder; no extension means .png."""
+    if os.path.isdir(output):
+        raise UserError(f"--output {output} is a folder; give an image path such as {os.path.join(output, 'image.png')}")
+    return output if os.path.splitext(output)[1] else output + ".png"
+
+
 def output_paths(output, n):
     """One image: the path as given; several: numbered, in prompt order (prompt 0's images first)."""
     if n == 1:
@@ -114,14 +136,29 @@ def load_prior_pipeline(args, lora_path):
     use_sdpa_attention(prior)
     prior_pipeline = build_prior_pipeline(prior, text_encoder, tokenizer, scheduler).to(args.device, dtype=dtype)
     load_lora_checked(prior_pipeline, lora_path, adapter_name=ADAPTER_NAME)
-    if args.fuse_lora:
-        prior_pipeline.fuse_lora(components=["prior"], lora_scale=args.lora_scale)
-        # Drop the adapter wrappers too (the merged weights stay): a plain prior, no added latency.
+    if args.lora_scale == 0:
+        # Checked above, then removed: the base prior exactly. A DoRA adapter at scale 0 would still
+        # rescale every adapted layer by its learned magnitudes (peft keeps applying them).
         prior_pipeline.unload_lora_weights()
-    elif args.lora_scale != 1.0:
-        scale_lora(prior_pipeline, args.lora_scale)
+        print("note: --lora_scale 0: the LoRA file was checked but is not applied; this is the base model", file=sys.stderr)
+    else:
+        if uses_dora(prior_pipeline.prior) and args.lora_scale != 1.0:
+            print(f"note: DoRA adapter: --lora_scale {args.lora_scale:g} scales the learned direction change only; "
+                  "its learned magnitudes apply in full at any scale other than 0", file=sys.stderr)
+        if args.fuse_lora:
+            prior_pipeline.fuse_lora(components=["prior"], lora_scale=args.lora_scale)
+            # Drop the adapter wrappers too (the merged weights stay): a plain prior, no added latency.
+            prior_pipeline.unload_lora_weights()
+        elif args.lora_scale != 1.0:
+            scale_lora(prior_pipeline, args.lora_scale)
     prior_pipeline.set_progress_bar_config(disable=True)
     return prior_pipeline
+
+
+def uses_dora(prior):
+    """Whether the adapter loaded into `prior` is DoRA (weight-decomposed: learned magnitudes)."""
+    config = getattr(prior, "peft_config", {}).get(ADAPTER_NAME)
+    return bool(getattr(config, "use_dora", False))
 
 
 def scale_lora(prior_pipeline, scale):
@@ -152,13 +189,28 @@ def save_merged_prior(args, lora_path):
     return [args.save_merged_prior]
 
 
+def note_long_prompts(tokenizer, prompts, negative_prompt=None):
+    """One note line naming the prompts CLIP truncates (77 tokens, start and end tokens included)."""
+    limit = tokenizer.model_max_length
+    texts = [("the prompt" if len(prompts) == 1 else f"prompt {i + 1}", p) for i, p in enumerate(prompts)]
+    texts += [("--negative_prompt", negative_prompt)] if negative_prompt else []
+    long = [f"{name} ({n} tokens)" for name, text in texts if (n := len(tokenizer(text).input_ids)) > limit]
+    if long:
+        shown = ", ".join(long[:3]) + (f" and {len(long) - 3} more" if len(long) > 3 else "")
+        print(f"note: {shown} {'is' if len(long) == 1 else 'are'} longer than CLIP's {limit} tokens: "
+              f"truncated to the first {limit}", file=sys.stderr)
+    return len(long)
+
+
 def run(args):
     quiet_library_logs()
     lora_path = resolve_lora_path(args.checkpoint)
     check_lora_file(lora_path)  # before minutes of model loading
     if args.save_merged_prior:
         return save_merged_prior(args, lora_path)
+    args.output = output_file(args.output)
     prior_pipeline, decoder_pipeline = load_pipelines(args, lora_path)
+    note_long_prompts(prior_pipeline.tokenizer, args.prompts, args.negative_prompt)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     images = generate_images(
         prior_pipeline,
@@ -175,7 +227,7 @@ def run(args):
     )
     paths = output_paths(args.output, len(images))
     for image, path in zip(images, paths):
-        save_png(image, path)
+        save_image(image, path)
         print(path)
     return paths
 

@@ -37,7 +37,7 @@ from training_outputs import (
     training_info,
     write_outputs,
 )
-from validation import HeldOutLoss, Validator
+from validation import make_held_out_loss, make_validator
 from wuerstchen_models import (
     DEFAULT_DECODER,
     DEFAULT_LORA_TARGETS,
@@ -876,9 +876,10 @@ def setup(args):
     run.dtype = dtype = weight_dtype_for(accelerator)
     prior, run.text_encoder, run.tokenizer, run.scheduler, run.image_encoder = load_frozen_models(args, accelerator.device, dtype)
     run.encode_image, run.encode_text = encoder_functions(run)
-    run.held_out_loss = None
-    if held_out is not None:  # encoded now, while the encoders are on the device
-        run.held_out_loss = HeldOutLoss(held_out, args.image_column, args.caption_column, args, run.encode_image, run.encode_text)
+    # The held-out set is encoded now, while the encoders are on the device; the validation decoder is
+    # loaded now too, so that a bad path stops the run before caching. Both None under FSDP (validation.py).
+    run.held_out_loss = make_held_out_loss(held_out, args, accelerator, run.encode_image, run.encode_text)
+    run.validate = make_validator(args, accelerator, run.text_encoder, run.tokenizer, run.scheduler, dtype, common_bucket(row_buckets))
     if args.cache_embeddings:
         examples = cached_examples(args, accelerator, dataset, run.encode_image, run.encode_text, dtype, row_buckets)
         # The encoders are done: EfficientNet goes; CLIP waits on the CPU for validation prompts,
@@ -926,13 +927,6 @@ def setup(args):
     run.info["loss_history"] = []  # [step, training loss] of every step of this run (None: skipped)
     run.info["data"] = run.data_report
     register_lora_checkpoint_hooks(accelerator, run.unwrapped, run.lora_config, run.info)
-    run.validate = Validator(args, accelerator, run.text_encoder, run.tokenizer, run.scheduler, dtype, common_bucket(row_buckets)) if args.validation_prompts else None
-    from accelerate.utils import DistributedType
-
-    if run.validate and accelerator.distributed_type == DistributedType.FSDP:
-        # The main process alone cannot run a sharded prior; render with infer.py on a checkpoint instead.
-        accelerator.print("note: validation images are not rendered under FSDP; use infer.py on a checkpoint-N folder")
-        run.validate = None
     return run
 
 

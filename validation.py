@@ -6,8 +6,11 @@ import os
 import torch
 
 from wuerstchen_models import (
+    DEFAULT_DECODER,
+    UserError,
     build_prior_pipeline,
     generate_images,
+    load_decoder_pipeline,
     output_size_for_training_resolution,
     save_png,
 )
@@ -16,13 +19,75 @@ from wuerstchen_models import (
 HELD_OUT_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
+def prior_sharding(accelerator):
+    """'FSDP' or 'DeepSpeed ZeRO-3' when the prior's weights are sharded over the processes, else None.
+
+    Validation runs on the main process while the others go on: with a sharded prior its forward
+    would wait forever for the other processes' shards, so validation is then left out.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "FSDP"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if getattr(plugin, "zero_stage", None) == 3:
+            return "DeepSpeed ZeRO-3"
+    return None
+
+
+def make_validator(args, accelerator, text_encoder, tokenizer, scheduler, dtype, bucket=None):
+    """The Validator for --validation_prompts (decoder loaded now), or None: no prompts, or a sharded prior."""
+    if not args.validation_prompts:
+        return None
+    sharding = prior_sharding(accelerator)
+    if sharding:
+        accelerator.print(f"note: validation images are not rendered under {sharding} (the main process cannot run a sharded prior alone); "
+                          "use infer.py on a checkpoint-N folder")
+        return None
+    return Validator(args, accelerator, text_encoder, tokenizer, scheduler, dtype, bucket)
+
+
+def make_held_out_loss(held_out, args, accelerator, encode_image, encode_text):
+    """The HeldOutLoss for --validation_split/--validation_dataset, or None: no held-out set, or a sharded prior."""
+    if held_out is None:
+        return None
+    sharding = prior_sharding(accelerator)
+    if sharding:
+        accelerator.print(f"note: the held-out validation loss is not computed under {sharding} (the main process cannot run a sharded prior alone); "
+                          "its images still stay out of training")
+        return None
+    return HeldOutLoss(held_out, args.image_column, args.caption_column, args, encode_image, encode_text)
+
+
 class Validator:
-    """Renders the validation prompts with the LoRA attached; the decoder is loaded once, on first use."""
+    """Renders the validation prompts with the LoRA attached.
+
+    The decoder is loaded when this is made, during setup and on the main process (the one that
+    renders): a missing or broken decoder stops the run before training, on every process alike.
+    It waits on the CPU between validations.
+    """
 
     def __init__(self, args, accelerator, text_encoder, tokenizer, scheduler, dtype, bucket=None):
         self.args, self.accelerator = args, accelerator
         self.text_encoder, self.tokenizer, self.scheduler, self.dtype = text_encoder, tokenizer, scheduler, dtype
-        self.decoder = None
+        self.decoder, error = None, None
+        if accelerator.is_main_process:
+            path = args.pretrained_decoder_model_name_or_path
+            if (os.path.isabs(path) or path.startswith(("./", "../", "~")) or path.count("/") > 1) and not os.path.isdir(os.path.expanduser(path)):
+                error = (f"--pretrained_decoder_model_name_or_path {path}: no such folder; give the decoder's hub id "
+                         f"({DEFAULT_DECODER}) or a folder laid out like it, or leave out --validation_prompts")
+            else:
+                try:
+                    self.decoder = load_decoder_pipeline(os.path.expanduser(path), dtype=dtype, device="cpu")
+                except UserError as e:
+                    error = f"{e} (the decoder renders --validation_prompts: fix --pretrained_decoder_model_name_or_path or leave out --validation_prompts)"
+        if accelerator.num_processes > 1:  # the others stop too, rather than wait for the main process in a collective
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error is not None:
+            raise UserError(error)
         # The output size that matches the training size (about 4/3 of it): the square, or the most common bucket.
         w, h = bucket or (args.resolution, args.resolution)
         self.width, self.height = output_size_for_training_resolution(w), output_size_for_training_resolution(h)
@@ -30,11 +95,8 @@ class Validator:
     def __call__(self, prior, step):
         from diffusers import DDPMWuerstchenScheduler
 
-        from wuerstchen_models import load_decoder_pipeline
-
         args, accelerator = self.args, self.accelerator
-        if self.decoder is None:
-            self.decoder = load_decoder_pipeline(args.pretrained_decoder_model_name_or_path, dtype=self.dtype, device=accelerator.device)
+        self.decoder.to(accelerator.device)
         pipeline = build_prior_pipeline(prior, self.text_encoder, self.tokenizer, DDPMWuerstchenScheduler.from_config(self.scheduler.config))
         pipeline.set_progress_bar_config(disable=True)
         was_training = prior.training
@@ -45,6 +107,7 @@ class Validator:
         with torch.autocast(accelerator.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             images = generate_images(pipeline, self.decoder, args.validation_prompts, height=self.height, width=self.width, generator=generator)
         self.text_encoder.to(home)
+        self.decoder.to("cpu")  # its device memory is the training's again
         prior.train(was_training)
         folder = os.path.join(args.output_dir, "validation")
         paths = []

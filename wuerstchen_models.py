@@ -334,6 +334,31 @@ def save_png(image, path):
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def image_formats():
+    """Output formats by file extension: PNG and JPEG always, WebP where this PIL build has it."""
+    from PIL import features
+
+    formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+    if features.check("webp"):
+        formats[".webp"] = "WEBP"
+    return formats
+
+
+def save_image(image, path):
+    """Write `image` atomically in the format its extension names (.png, .jpg/.jpeg, .webp)."""
+    import io
+
+    ext = os.path.splitext(path)[1].lower()
+    fmt = image_formats().get(ext)
+    if fmt is None:
+        raise UserError(f"{path}: unsupported image type {ext or '(no extension)'}; use {', '.join(image_formats())}")
+    if fmt == "PNG":
+        return save_png(image, path)
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=fmt, quality=95)  # JPEG and WebP have no alpha to keep here
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def atomic_write_json(path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
