@@ -130,7 +130,7 @@ def parse_args(argv=None):
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 = off")
     g.add_argument("--lr_scheduler", default="constant", choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
     g.add_argument("--lr_warmup_steps", type=int, default=0)
-    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: the accelerate config, else fp16 on CUDA; always fp32 on a CPU")
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's setting under `accelerate launch` (its flag or config; `no` = fp32), fp16 for a plain python run on CUDA; always fp32 on a CPU")
     g.add_argument("--gradient_checkpointing", type=unit_fraction, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
                    help="recompute activations in the backward pass: all blocks (no value), or this fraction of the prior's blocks, spread evenly "
                         "(e.g. 0.5: a point between speed and memory; README: Speed and memory)")
@@ -346,31 +346,17 @@ def check_args(args):
 # Set-up
 
 
-def accelerate_config_precision():
-    """The mixed precision an accelerate config file asked for, or None when there is no config.
-
-    `accelerate launch` exports ACCELERATE_MIXED_PRECISION=no even when no config exists, so the
-    variable only counts as the user's choice when a config file is present (or it asks for fp16/bf16).
-    """
-    value = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if value in ("fp16", "bf16"):
-        return value
-    if value == "no":
-        try:
-            from accelerate.commands.config import default_config_file
-        except ImportError:
-            default_config_file = None
-        if os.environ.get("ACCELERATE_CONFIG_FILE") or (default_config_file and os.path.isfile(default_config_file)):
-            return value
-    return None
-
-
 def resolve_mixed_precision(requested):
-    """Returns (mode, notice). The flag wins, then the accelerate config, then fp16 on CUDA."""
+    """Returns (mode, notice). The flag wins; then accelerate's own setting, which `accelerate
+    launch` exports from its flag or config file (an explicit `no` included); fp16 on CUDA only
+    for a plain `python` run, which has no accelerate setting."""
     on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    mode = requested or accelerate_config_precision() or ("no" if on_cpu else "fp16")
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    mode = requested or (launcher if launcher in ("no", "fp16", "bf16") else None) or ("no" if on_cpu else "fp16")
     if on_cpu and mode != "no":
         return "no", f"note: no GPU in use, so training runs in fp32 (--mixed_precision {mode} needs CUDA)"
+    if not on_cpu and mode == "no" and not requested:
+        return mode, "note: accelerate's mixed precision is `no`: training runs in fp32; pass --mixed_precision bf16 for speed"
     return mode, None
 
 

@@ -209,3 +209,8 @@ def test_mixed_precision_falls_back_to_fp32_on_cpu(monkeypatch):
     assert trainer.resolve_mixed_precision("bf16") == ("bf16", None)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert trainer.resolve_mixed_precision(None) == ("bf16", None)
+    # `accelerate launch --mixed_precision no` (or its default without a config): respected
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    mode, notice = trainer.resolve_mixed_precision(None)
+    assert mode == "no" and "fp32" in notice
+    assert trainer.resolve_mixed_precision("fp16") == ("fp16", None)  # the script's own flag still wins
