@@ -222,20 +222,18 @@ def apply_changed_hyperparameters(run, args, old):
 
 
 def model_card(args, info):
-    prompts = args.validation_prompts or ["a photo"]
-    return f"""---
-base_model: {args.pretrained_prior_model_name_or_path}
-library_name: diffusers
-license: mit
-tags:
-- wuerstchen
-- text-to-image
-- diffusers
-- diffusers-training
-- lora
-inference: true
----
+    """The README.md of the output folder: huggingface_hub's card metadata (the YAML header the hub
+    reads), then what was trained and how to use it."""
+    from huggingface_hub import ModelCard, ModelCardData
 
+    data = ModelCardData(base_model=args.pretrained_prior_model_name_or_path, library_name="diffusers", license="mit",
+                         tags=["wuerstchen", "text-to-image", "diffusers", "diffusers-training", "lora"], inference=True)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + model_card_body(args, info)))
+
+
+def model_card_body(args, info):
+    prompts = args.validation_prompts or ["a photo"]
+    return f"""
 # Wuerstchen prior LoRA
 
 A LoRA adapter for the Wuerstchen v2 prior (Stage C) `{args.pretrained_prior_model_name_or_path}`, trained with

@@ -405,7 +405,10 @@ def save_peft_adapter(folder, lora_state_dict, lora_config):
     # diffusers keeps the config under keys prefixed like the tensors they belong to.
     header = {"format": "pt", "lora_adapter_metadata": json.dumps({f"base_model.model.{k}": v for k, v in config.items()}, default=str)}
     atomic_save_tensors(state, os.path.join(folder, "adapter_model.safetensors"), metadata=header)
-    atomic_write_json(os.path.join(folder, "adapter_config.json"), {**config, "peft_type": "LORA"})
+    # peft's own adapter_config.json, written aside and renamed into place.
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as tmp:
+        lora_config.save_pretrained(tmp)
+        os.replace(os.path.join(tmp, "adapter_config.json"), os.path.join(folder, "adapter_config.json"))
     return folder
 
 

@@ -295,7 +295,7 @@ def test_every_numeric_flag_takes_a_negative_number(monkeypatch):
     original = argparse.ArgumentParser.parse_args
 
     def spy(self, args=None, namespace=None):
-        parser_actions.extend(a for a in self._actions if a.type in (int, float) and a.nargs is None)
+        parser_actions.extend(a for a in self._actions if (a.type in (int, float) or getattr(a.type, "numeric", False)) and a.nargs is None)
         return original(self, args, namespace)
 
     with monkeypatch.context() as patch:
@@ -303,7 +303,7 @@ def test_every_numeric_flag_takes_a_negative_number(monkeypatch):
         trainer.parse_args(["--dataset", "data"])
     assert len(parser_actions) > 20
     for action in parser_actions:
-        flag, value = action.option_strings[0], "-1e-3" if action.type is float else "-1"
+        flag, value = action.option_strings[0], "-1e-3" if action.type.__name__ == "float" else "-1"
         try:
             args = trainer.parse_args(["--dataset", "data", flag, value])
         except UserError as e:

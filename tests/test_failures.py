@@ -64,10 +64,19 @@ def test_output_dir_that_is_a_file_and_latest_without_checkpoint(tmp_path, capsy
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
-def test_conflicting_flags_are_refused_by_the_parser(capsys):
-    with pytest.raises(SystemExit) as e:
-        trainer.parse_args(BASE + ["--center_crop", "--random_crop"])
-    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+def test_parser_errors_are_one_line(capsys):
+    """Conflicting flags, values out of range, unknown flags: the parser's own errors are one
+    `error:` line too (argparse would print its usage and exit), and nothing is written."""
+    cases = [(["--center_crop", "--random_crop"], "not allowed with argument"),
+             (["--caption_dropout", "1.5"], "--caption_dropout must be in [0, 1) (got 1.5)"),
+             (["--rank", "two"], "--rank must be a whole number (got two)"),
+             (["--ema_decay", "1"], "--ema_decay must be in (0, 1) (got 1)"),
+             (["--no_such_flag"], "unrecognized arguments: --no_such_flag")]
+    for argv, needle in cases:
+        assert trainer.main(BASE + argv + ["--output_dir", "/tmp/never-written"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists("/tmp/never-written")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ prints ``{"prior": ..., "decoder": ..., "image_encoder": ..., "dataset": ...}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -153,20 +154,12 @@ def _diffusers_version():
         return "0.0.0"
 
 
-class _seeded:
-    """Seed torch's global CPU RNG inside the block and restore the previous state afterwards."""
-
-    def __init__(self, seed):
-        self.seed = int(seed)
-
-    def __enter__(self):
-        self._state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-        return self
-
-    def __exit__(self, *exc):
-        torch.random.set_rng_state(self._state)
-        return False
+@contextlib.contextmanager
+def _seeded(seed):
+    """Seed torch's global CPU RNG inside the block; the caller's RNG state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
 
 
 @torch.no_grad()
