@@ -29,11 +29,12 @@ from torchvision.transforms import functional as TF
 
 from wuerstchen_data import (
     CaptionOptions,
+    caption_count,
     caption_list,
     pick_caption,
     resize_to_cover,
     sample_noise,
-    sample_rng,
+    sample_plan,
     to_rgb,
 )
 from wuerstchen_models import (
@@ -202,8 +203,8 @@ class CachedExamples(torch.utils.data.Dataset):
     """Samples from a complete cache: {"noise", "timestep", "image_embeddings", and "text_embeddings" or,
     when tags are shuffled (the text differs every epoch), the "caption" to encode}.
 
-    Crop window, flip, caption choice and caption dropout come from (seed, epoch, index), like the
-    uncached path; each row appears `repeats` times per epoch.
+    Crop window, flip, caption choice, caption dropout, tag order and noise come from the same
+    `sample_plan` as the uncached path's; each row appears `repeats` times per epoch.
     """
 
     def __init__(self, folder, resolution, random_flip, seed, captions=CaptionOptions(), raw_captions=None, repeats=1, noise_offset=0.0):
@@ -243,25 +244,26 @@ class CachedExamples(torch.utils.data.Dataset):
     def empty_text(self):
         return self._file("empty.safetensors").get_tensor("empty")
 
-    def _text(self, row, rng):
-        if self.captions.shuffle_tags:
-            return "caption", self.captions.apply(pick_caption(self.raw_captions[row], rng), rng)
-        key = f"{row}.{rng.randrange(self.caption_count(row))}"
-        return "text_embeddings", self._file(f"texts-{row % self.shards:03d}.safetensors").get_tensor(key)
+    def _text(self, row, plan):
+        if self.captions.shuffle_tags:  # the text changes every epoch: the training loop encodes it
+            caption = self.captions.apply(pick_caption(self.raw_captions[row], plan.caption_index), plan.tag_seed)
+            return "caption", "" if plan.drop_caption else caption
+        if plan.drop_caption:
+            return "text_embeddings", self.empty_text()
+        return "text_embeddings", self._file(f"texts-{row % self.shards:03d}.safetensors").get_tensor(f"{row}.{plan.caption_index}")
 
     def __getitem__(self, index):
         row = index % self.rows
-        rng = sample_rng(self.seed, self.epoch, index)
-        noise_seed = rng.getrandbits(63)
-        text_key, text = self._text(row, rng)
-        flip = self.random_flip and rng.random() < 0.5
-        image = self._file(f"images-{row % self.shards:03d}.safetensors").get_tensor(f"{row}.flip" if flip else str(row))
+        captions = caption_count(self.raw_captions[row]) if self.captions.shuffle_tags else self.caption_count(row)
+        plan = sample_plan(self.seed, self.epoch, index, captions, self.captions.dropout, self.random_flip)
+        image = self._file(f"images-{row % self.shards:03d}.safetensors").get_tensor(f"{row}.flip" if plan.flip else str(row))
         h, w = image.shape[-2:]
         gh, gw = self.grids[row]
-        top, left = rng.randint(0, h - gh), rng.randint(0, w - gw)
-        if self.captions.drop(rng):
-            text_key, text = ("caption", "") if text_key == "caption" else (text_key, self.empty_text())
-        noise, timestep = sample_noise(noise_seed, (image.shape[0], gh, gw), self.noise_offset)
+        top, left = plan.crop_offset(h - gh, w - gw)
+        if plan.flip:  # the plan places the crop in the unflipped image; this grid is mirrored
+            left = w - gw - left
+        text_key, text = self._text(row, plan)
+        noise, timestep = sample_noise(plan.noise_seed, (image.shape[0], gh, gw), self.noise_offset)
         return {
             "noise": noise,
             "timestep": timestep,

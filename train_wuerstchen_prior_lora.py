@@ -704,6 +704,7 @@ def load_data(args, accelerator):
     report.update(caption_stats(dataset, caption_column, tokenizer))
     # Counted over the whole dataset, before --max_train_samples and the image checks.
     report["numeric_captions"], report["unlisted_images"] = loaded.get("numeric_captions", 0), loaded.get("unlisted_images", 0)
+    report["non_utf8_caption_files"] = loaded.get("non_utf8_caption_files", 0)  # the training set's, not the held-out set's
     return dataset, held_out, row_buckets, report
 
 

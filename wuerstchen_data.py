@@ -39,31 +39,34 @@ def _list_images(folder):
     return found
 
 
-NON_UTF8_CAPTIONS = []  # caption files that were not UTF-8 (read as Latin-1), for the run summary
-
-
 def read_caption_file(path):
+    """(caption, whether the file was UTF-8); a file that is not is read as Latin-1 (never fails)."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        return raw.decode("utf-8-sig").strip()
+        return raw.decode("utf-8-sig").strip(), True
     except UnicodeDecodeError:
-        NON_UTF8_CAPTIONS.append(path)
-        return raw.decode("latin-1").strip()
+        return raw.decode("latin-1").strip(), False
 
 
-def _caption_folder(folder, images):
-    """A folder of images with same-stem .txt captions, as a datasets.Dataset."""
+def _caption_folder(folder, images, stats=None):
+    """A folder of images with same-stem .txt captions, as a datasets.Dataset. Counts the caption
+    files that were not UTF-8 in `stats["non_utf8_caption_files"]` (per load: a count kept across
+    loads would add up repeated loads and the held-out set)."""
     import datasets
 
-    paths, captions, missing = [], [], []
+    paths, captions, missing, non_utf8 = [], [], [], 0
     for image in images:
         txt = os.path.splitext(image)[0] + ".txt"
         if not os.path.isfile(txt):
             missing.append(os.path.relpath(image, folder))
             continue
-        captions.append(read_caption_file(txt))
+        caption, utf8 = read_caption_file(txt)
+        captions.append(caption)
+        non_utf8 += not utf8
         paths.append(image)
+    if stats is not None:
+        stats["non_utf8_caption_files"] = non_utf8
     if missing:
         raise UserError(
             f"--dataset {folder}: {len(missing)} of {len(images)} images have no caption file "
@@ -89,7 +92,7 @@ def _load_from_folder(folder, cache_dir, stats=None):
             f"--dataset {folder}: {len(images)} images but no captions; add metadata.jsonl "
             "(file_name, text) or a same-stem .txt caption beside each image"
         )
-    return _caption_folder(folder, images)
+    return _caption_folder(folder, images, stats)
 
 
 def _load_from_file(path, cache_dir):
@@ -431,7 +434,7 @@ def caption_stats(dataset, caption_column, tokenizer=None):
         empty += not texts
         if tokenizer is not None and texts:
             long += any(len(ids) > limit for ids in tokenizer(texts).input_ids)
-    return {"empty_captions": empty, "long_captions": long, "non_utf8_caption_files": len(NON_UTF8_CAPTIONS)}
+    return {"empty_captions": empty, "long_captions": long}
 
 
 def check_captions(dataset, caption_column, spec, allow_missing=False):
@@ -475,7 +478,7 @@ def to_rgb(image):
 
 
 def sample_rng(seed, epoch, index):
-    """A random source for one sample in one epoch.
+    """A random source for one sample in one epoch (read by `sample_plan` only).
 
     Crops, flips, caption choices and the sample's diffusion noise and timestep come from
     (seed, epoch, index) alone, so a resumed run, or a run with another worker or process count,
@@ -484,6 +487,45 @@ def sample_rng(seed, epoch, index):
     """
     digest = hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplePlan:
+    """Every random choice for one sample in one epoch. The uncached path (pixels) and the cached
+    path (embeddings on the 32 px lattice) both take their choices from here, so with the same seed
+    they flip, pick, drop and shuffle the same captions and draw the same noise."""
+
+    noise_seed: int  # seed of the sample's diffusion noise and timestep (sample_noise)
+    caption_index: int  # which of the row's captions (a list column; the cache's "<row>.<j>")
+    drop_caption: bool  # caption dropout: train on the empty caption
+    tag_seed: int  # order of the shuffled tags (CaptionOptions.apply)
+    flip: bool  # mirror left-right (never without --random_flip)
+    crop: tuple  # (top, left) in [0, 1): the crop's place in the free range, as a fraction
+
+    def crop_offset(self, free_h, free_w):
+        """(top, left) of the crop in the unflipped image, given how far it can move (pixels for
+        the uncached path, grid cells for the cached one). Each offset 0..free is equally likely,
+        and a pixel offset on the lattice (32 x k) gives cell k for the same fraction."""
+        return tuple(min(int(f * (free + 1)), free) for f, free in zip(self.crop, (free_h, free_w)))
+
+
+def sample_plan(seed, epoch, index, captions=1, dropout=0.0, random_flip=False):
+    """The plan of sample `index` in `epoch`: `captions` is how many captions the row has,
+    `dropout` the caption-dropout probability. Centre crops are a setting, not a draw: the
+    transform centres the crop, and the cache holds centre crops (nothing left to move)."""
+    rng = sample_rng(seed, epoch, index)
+    # Every value is drawn every time, in this order, each with a fixed number of draws (no
+    # randrange, whose draw count depends on its range): turning one option on, or a row with more
+    # captions, leaves the other choices as they were.
+    noise_seed = rng.getrandbits(63)
+    caption, drop = rng.random(), rng.random()
+    tag_seed = rng.getrandbits(63)
+    flip = rng.random()
+    crop = (rng.random(), rng.random())
+    captions = max(1, captions)
+    return SamplePlan(noise_seed=noise_seed, caption_index=min(int(caption * captions), captions - 1),
+                      drop_caption=dropout > 0 and drop < dropout, tag_seed=tag_seed,
+                      flip=bool(random_flip) and flip < 0.5, crop=crop)
 
 
 def sample_noise(noise_seed, shape, noise_offset=0.0):
@@ -502,11 +544,14 @@ def sample_noise(noise_seed, shape, noise_offset=0.0):
     return noise, timestep
 
 
-def pick_caption(value, rng):
-    choices = caption_list(value)
-    if isinstance(value, (list, tuple)):
-        return rng.choice(choices) if choices else ""
-    return choices[0] if choices else ""
+def caption_count(value):
+    """How many captions a row's caption value offers (an empty one counts as the empty caption)."""
+    return len(caption_list(value)) or 1
+
+
+def pick_caption(value, index=0):
+    """Caption `index` (a plan's caption_index; None: the first) of a row's caption value."""
+    return (caption_list(value) or [""])[index or 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -518,17 +563,14 @@ class CaptionOptions:
     shuffle_tags: bool = False  # shuffle comma-separated tags every time a sample is drawn...
     keep_tokens: int = 0  # ...except the first N, which stay in place
 
-    def apply(self, caption, rng):
-        """Prefix and tag shuffling; the caption-dropout draw comes separately (`drop`)."""
+    def apply(self, caption, tag_seed=0):
+        """Prefix and tag shuffling (in the order of a plan's tag_seed); dropout is the plan's."""
         if self.shuffle_tags:
             tags = [t.strip() for t in caption.split(",") if t.strip()]
             fixed, rest = tags[: self.keep_tokens], tags[self.keep_tokens :]
-            rng.shuffle(rest)
+            random.Random(tag_seed).shuffle(rest)
             caption = ", ".join(fixed + rest)
         return self.prefix + caption
-
-    def drop(self, rng):
-        return self.dropout > 0 and rng.random() < self.dropout
 
 
 def resize_to_cover(image, size):
@@ -546,19 +588,21 @@ class ImageTransform:
         self.center_crop = center_crop
         self.random_flip = random_flip
 
-    def __call__(self, image, rng, size=None):
+    def __call__(self, image, plan=None, size=None):
+        """`plan` (a SamplePlan) places the random crop and says whether to flip; None for centre
+        crops without flips."""
         if size is None:
             tw = th = self.resolution
             image = TF.resize(to_rgb(image), self.resolution, interpolation=InterpolationMode.BILINEAR, antialias=True)
         else:
             (tw, th), image = size, resize_to_cover(to_rgb(image), size)
         w, h = image.size
-        if self.center_crop:
-            top, left = (h - th) // 2, (w - tw) // 2
+        if self.center_crop:  # torchvision's centre, as the cache crops it (image_for_cache)
+            image = TF.center_crop(image, [th, tw])
         else:
-            top, left = rng.randint(0, h - th), rng.randint(0, w - tw)
-        image = TF.crop(image, top, left, th, tw)
-        if self.random_flip and rng.random() < 0.5:
+            top, left = plan.crop_offset(h - th, w - tw)
+            image = TF.crop(image, top, left, th, tw)
+        if self.random_flip and plan is not None and plan.flip:
             image = TF.hflip(image)
         return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
 
@@ -588,14 +632,9 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         row = self.dataset[index % len(self.dataset)]
-        rng = sample_rng(self.seed, self.epoch, index)
-        noise_seed = rng.getrandbits(63)
-        caption = self.captions.apply(pick_caption(row[self.caption_column], rng), rng)
-        pixels = self.transform(row[self.image_column], rng, self.row_buckets[index % len(self.dataset)] if self.row_buckets else None)
-        noise, timestep = sample_noise(noise_seed, (self.latent_channels, pixels.shape[-2] // 32, pixels.shape[-1] // 32), self.noise_offset)
-        return {
-            "noise": noise,
-            "timestep": timestep,
-            "pixel_values": pixels,
-            "caption": "" if self.captions.drop(rng) else caption,
-        }
+        value = row[self.caption_column]
+        plan = sample_plan(self.seed, self.epoch, index, caption_count(value), self.captions.dropout, self.transform.random_flip)
+        caption = "" if plan.drop_caption else self.captions.apply(pick_caption(value, plan.caption_index), plan.tag_seed)
+        pixels = self.transform(row[self.image_column], plan, self.row_buckets[index % len(self.dataset)] if self.row_buckets else None)
+        noise, timestep = sample_noise(plan.noise_seed, (self.latent_channels, pixels.shape[-2] // 32, pixels.shape[-1] // 32), self.noise_offset)
+        return {"noise": noise, "timestep": timestep, "pixel_values": pixels, "caption": caption}

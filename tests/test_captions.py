@@ -1,13 +1,11 @@
 """Caption handling: prefix, dropout, tag shuffling with fixed leading tags, repeats."""
 
-import random
-
 import torch
-from conftest import run_script, train_args
+from conftest import make_image_dataset, run_script, train_args
 
 import train_wuerstchen_prior_lora as trainer
 from embedding_cache import CachedExamples, build_cache
-from wuerstchen_data import CaptionOptions, load_training_dataset
+from wuerstchen_data import CaptionOptions, load_training_dataset, sample_plan
 from wuerstchen_models import load_image_encoder, load_prior_components
 
 
@@ -16,20 +14,36 @@ def test_shuffle_keeps_the_first_tags_and_adds_the_prefix():
     caption = "1girl, solo, red hair, smile, outdoors, hat"
     seen = set()
     for seed in range(30):
-        out = opts.apply(caption, random.Random(seed))
+        out = opts.apply(caption, tag_seed=seed)
         assert out.startswith("sks, 1girl, solo, ")
         assert sorted(out[len("sks, "):].split(", ")) == sorted(caption.split(", "))
         seen.add(out)
     assert len(seen) > 5
-    assert CaptionOptions(prefix="sks, ").apply("a, b, c", random.Random(0)) == "sks, a, b, c"
+    assert CaptionOptions(prefix="sks, ").apply("a, b, c", tag_seed=0) == "sks, a, b, c"
 
 
 def test_caption_dropout_rate():
-    opts = CaptionOptions(dropout=0.25)
-    rng = random.Random(0)
-    drops = sum(opts.drop(rng) for _ in range(4000))
+    drops = sum(sample_plan(0, 0, i, dropout=0.25).drop_caption for i in range(4000))
     assert 900 < drops < 1100
-    assert not any(CaptionOptions().drop(rng) for _ in range(100))
+    assert not any(sample_plan(0, 0, i).drop_caption for i in range(100))
+
+
+def test_non_utf8_caption_count_is_per_load(tmp_path):
+    """Counted per load, not in a module-level list: the same folder loaded three times in one
+    process reports 1 each time, and another load (a held-out set) does not add to it."""
+    folder = tmp_path / "data"
+    make_image_dataset(folder, "txt_captions", n=3)
+    (folder / "img_001.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    for _ in range(3):
+        stats = {}
+        dataset, _, caption_column = load_training_dataset(str(folder), stats=stats)
+        assert stats["non_utf8_caption_files"] == 1
+        assert "caf\xe9 au lait" in dataset[caption_column]
+    clean = make_image_dataset(tmp_path / "clean", "txt_captions", n=2)
+    load_training_dataset(str(folder))  # no stats: counted nowhere
+    stats = {}
+    load_training_dataset(clean, stats=stats)
+    assert stats["non_utf8_caption_files"] == 0
 
 
 class OneProcess:
