@@ -110,3 +110,7 @@ def dataset_factory(tmp_path):
     def make(kind, **kwargs):
         return make_image_dataset(tmp_path / kind, kind, **kwargs)
     return make
+
+
+def pytest_addoption(parser):
+    parser.addoption("--golden-print", action="store_true", help="print the golden loss curve instead of checking it (tests/test_golden_losses.py)")
