@@ -65,6 +65,18 @@ def run_script(args, launcher="python", check=True, timeout=600):
     return proc
 
 
+class OneProcess:
+    """Stands in for accelerate's Accelerator in single-process tests of the cache code."""
+
+    process_index, num_processes, is_main_process, is_local_main_process = 0, 1, True, True
+
+    def print(self, *a):
+        pass
+
+    def wait_for_everyone(self):
+        pass
+
+
 def prior_output(prior, seed=0):
     """The prior's output (eval mode, no grad) on a fixed random input: compares two priors."""
     import torch

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_image_dataset, run_script, train_args
+from conftest import OneProcess, make_image_dataset, run_script, train_args
 
 import train_wuerstchen_prior_lora as trainer
 from embedding_cache import (
@@ -17,16 +17,6 @@ from embedding_cache import (
 )
 from wuerstchen_data import ImageTransform, load_training_dataset
 from wuerstchen_models import load_image_encoder, load_prior_components
-
-
-class OneProcess:
-    process_index, num_processes, is_main_process, is_local_main_process = 0, 1, True, True
-
-    def print(self, *a):
-        print(*a)
-
-    def wait_for_everyone(self):
-        pass
 
 
 def cache_args(tiny, **overrides):

@@ -1,7 +1,7 @@
 """Caption handling: prefix, dropout, tag shuffling with fixed leading tags, repeats."""
 
 import torch
-from conftest import make_image_dataset, run_script, train_args
+from conftest import OneProcess, make_image_dataset, run_script, train_args
 
 import train_wuerstchen_prior_lora as trainer
 from embedding_cache import CachedExamples, build_cache
@@ -44,16 +44,6 @@ def test_non_utf8_caption_count_is_per_load(tmp_path):
     stats = {}
     load_training_dataset(clean, stats=stats)
     assert stats["non_utf8_caption_files"] == 0
-
-
-class OneProcess:
-    process_index, num_processes, is_main_process, is_local_main_process = 0, 1, True, True
-
-    def print(self, *a):
-        pass
-
-    def wait_for_everyone(self):
-        pass
 
 
 def test_cached_dropout_shuffle_and_repeats(tiny, tmp_path):

@@ -11,6 +11,7 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+from conftest import OneProcess
 from PIL import Image
 
 from embedding_cache import CachedExamples, build_cache, image_for_cache
@@ -28,16 +29,6 @@ CAPTIONS = [
     ["a, b, c, d, e, f", "g, h, i"],
     ["last, row"],
 ]
-
-
-class OneProcess:
-    process_index, num_processes, is_main_process, is_local_main_process = 0, 1, True, True
-
-    def print(self, *a):
-        pass
-
-    def wait_for_everyone(self):
-        pass
 
 
 def coordinate_image(w, h):
