@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Speed and memory figures for LoRA training of the Wuerstchen v2 prior (Stage C); see bench/README.md.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/benchmark.py --out /tmp/bench                 # CPU, scaled prior
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/benchmark.py --out /tmp/bench --steps 24 --min_run_time 1  # short
-    .venv/bin/python bench/benchmark.py --device cuda --out /tmp/gpu                       # real prior, one GPU
-    .venv/bin/python bench/benchmark.py --smoke_device_path --out /tmp/smoke              # GPU code path, tiny, CPU
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.benchmark --out /tmp/bench                 # CPU, scaled prior
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.benchmark --out /tmp/bench --steps 24 --min_run_time 1  # short
+    .venv/bin/python -m bench.benchmark --device cuda --out /tmp/gpu                       # real prior, one GPU
+    .venv/bin/python -m bench.benchmark --smoke_device_path --out /tmp/smoke              # GPU code path, tiny, CPU
 
 Every in-process figure comes from one function, `bare_step` (the trainer's own add_lora,
 compute_loss, norms_in_activation_dtype, scheduler_to and fused AdamW on one fixed batch), timed
@@ -31,7 +31,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 for _key, _value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("KINETO_LOG_LEVEL", "5")):
     os.environ.setdefault(_key, _value)  # KINETO_LOG_LEVEL: no profiler start/stop lines
 
@@ -82,7 +81,7 @@ def loadavg():
 def build_prior(cfg, device="cpu", seed=0):
     """A random prior like tools/make_tiny_models' (no all-zero parameters, a small output layer),
     so that it behaves like a trained one: finite loss, non-zero gradients, every layer dense."""
-    from wuerstchen_models import WuerstchenPrior
+    from wuerstchen_lora.models import WuerstchenPrior
 
     torch.manual_seed(seed)
     with torch.device(device):
@@ -103,10 +102,11 @@ def bare_step(cfg, device, precision, rank, batch, grid, kind="lora", checkpoint
 
     kind "lora" is the trainer's setup (frozen prior in `precision`, fp32 LoRA from add_lora, bf16
     norms in bf16); kind "full" trains every weight (fp32 master weights under autocast), for memory."""
-    import train_wuerstchen_prior_lora as T
     from diffusers import DDPMWuerstchenScheduler
 
-    from wuerstchen_models import use_sdpa_attention
+    from wuerstchen_lora import objective
+    from wuerstchen_lora import recipe as T
+    from wuerstchen_lora.models import use_sdpa_attention
 
     device, dtype = torch.device(device), DTYPES[precision]
     prior = build_prior(cfg, device, seed)
@@ -122,7 +122,7 @@ def bare_step(cfg, device, precision, rank, batch, grid, kind="lora", checkpoint
         if checkpointing:
             T.checkpoint_blocks(prior, 1.0)
         prior.train()
-    scheduler = T.scheduler_to(DDPMWuerstchenScheduler(), device)
+    scheduler = objective.scheduler_to(DDPMWuerstchenScheduler(), device)
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     g = torch.Generator().manual_seed(seed + 1)
@@ -132,7 +132,7 @@ def bare_step(cfg, device, precision, rank, batch, grid, kind="lora", checkpoint
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = T.compute_loss(prior, scheduler, emb, text, noise, t)
+            loss = objective.compute_loss(prior, scheduler, emb, text, noise, t)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -213,10 +213,10 @@ def measure_cache_build(paths, sizes, min_run_time):
     """s/image of the trainer's build_cache over the benchmark images, --cache_batch_size 1 and 8."""
     from accelerate import Accelerator
 
-    import train_wuerstchen_prior_lora as T
-    from embedding_cache import build_cache
-    from wuerstchen_data import load_training_dataset
-    from wuerstchen_models import load_image_encoder, load_prior_components
+    from wuerstchen_lora import recipe as T
+    from wuerstchen_lora.cache import build_cache
+    from wuerstchen_lora.data import load_training_dataset
+    from wuerstchen_lora.models import load_image_encoder, load_prior_components
 
     _, text_encoder, tokenizer, _ = load_prior_components(paths["prior"])
     run = SimpleNamespace(accelerator=Accelerator(cpu=True), dtype=torch.float32, image_encoder=load_image_encoder(paths["image_encoder"]).eval(),
@@ -275,7 +275,7 @@ def measure_latency(sizes, min_run_time, rounds=30):
     unload_lora, what infer.py --fuse_lora does); eval, no_grad; `rounds` rounds of one measurement each."""
     from peft import LoraConfig
 
-    from wuerstchen_models import use_sdpa_attention
+    from wuerstchen_lora.models import use_sdpa_attention
 
     cfg, batch, grid = sizes["prior"], sizes["batch"], sizes["resolution"] // 32
     base = build_prior(cfg).eval()
@@ -318,7 +318,7 @@ def forward_flops():
     benchmark's scale (256 px) and the real one (768 px), counted on the meta device (shapes only)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from wuerstchen_models import EfficientNetEncoder, use_sdpa_attention
+    from wuerstchen_lora.models import EfficientNetEncoder, use_sdpa_attention
 
     out = {}
     for name, prior_cfg, text_cfg, res in (("scaled", SCALED_PRIOR, SCALED_TEXT, 256), ("real", REAL_PRIOR, REAL_TEXT, 768)):
@@ -424,7 +424,7 @@ def main(argv=None):
     import diffusers
     import peft
 
-    from wuerstchen_models import quiet_library_logs
+    from wuerstchen_lora.models import quiet_library_logs
 
     quiet_library_logs()
     kind = "smoke" if args.smoke_device_path else args.device
@@ -451,7 +451,11 @@ def main(argv=None):
     log(f"{r['command']}\n{r['machine']}; {r['software']}; load average {loadavg():.2f}")
 
     if sections & {"trainer", "cache"}:
-        from tools.make_tiny_models import make_image_dataset, make_image_encoder, make_prior_repo
+        from tools.make_tiny_models import (
+            make_image_dataset,
+            make_image_encoder,
+            make_prior_repo,
+        )
 
         stamp = workdir / "built.json"
         want = json.loads(json.dumps({k: sizes[k] for k in ("prior", "text", "images", "image_size")}))

@@ -13,7 +13,6 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from tools.make_tiny_models import make_all, make_image_dataset  # noqa: E402
 
@@ -36,9 +35,8 @@ def run_in_process(args):
     import io
     import types
 
-    import infer
-    import train_wuerstchen_prior_lora
-
+    from wuerstchen_lora import inference as infer
+    from wuerstchen_lora import recipe as train_wuerstchen_prior_lora
     main = {TRAIN: train_wuerstchen_prior_lora.main, INFER: infer.main}[str(args[0])]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -6,7 +6,7 @@ import pytest
 from conftest import run_script, train_args
 from PIL import Image
 
-from wuerstchen_data import (
+from wuerstchen_lora.data import (
     BucketBatchSampler,
     assign_bucket,
     make_buckets,

@@ -7,16 +7,17 @@ import pytest
 import torch
 from conftest import OneProcess, make_image_dataset, run_script, train_args
 
-import train_wuerstchen_prior_lora as trainer
-from embedding_cache import (
+from wuerstchen_lora import objective
+from wuerstchen_lora import recipe as trainer
+from wuerstchen_lora.cache import (
     MANIFEST,
     CachedExamples,
     build_cache,
     cache_key,
     image_for_cache,
 )
-from wuerstchen_data import ImageTransform, load_training_dataset
-from wuerstchen_models import load_image_encoder, load_prior_components
+from wuerstchen_lora.data import ImageTransform, load_training_dataset
+from wuerstchen_lora.models import load_image_encoder, load_prior_components
 
 
 def cache_args(tiny, **overrides):
@@ -31,8 +32,8 @@ def cache_args(tiny, **overrides):
 def encoders(tiny):
     prior, text_encoder, tokenizer, scheduler = load_prior_components(tiny["prior"])
     image_encoder = load_image_encoder(tiny["image_encoder"])
-    return (lambda pixels: trainer.encode_images(image_encoder, pixels),
-            lambda captions: trainer.encode_text(text_encoder, tokenizer, captions, "cpu"))
+    return (lambda pixels: objective.encode_images(image_encoder, pixels),
+            lambda captions: objective.encode_text(text_encoder, tokenizer, captions, "cpu"))
 
 
 def build(tiny, encoders, folder, args):
@@ -171,7 +172,7 @@ def fixed_grads(prior, scheduler, params):
     g = torch.Generator().manual_seed(0)
     emb, text = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 77, prior.config.c_cond, generator=g)
     noise, t = torch.randn(2, 16, 4, 4, generator=g), torch.rand(2, generator=g)
-    trainer.compute_loss(prior, scheduler, emb, text, noise, t).backward()
+    objective.compute_loss(prior, scheduler, emb, text, noise, t).backward()
     grads = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None

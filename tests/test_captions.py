@@ -3,10 +3,11 @@
 import torch
 from conftest import OneProcess, make_image_dataset, run_script, train_args
 
-import train_wuerstchen_prior_lora as trainer
-from embedding_cache import CachedExamples, build_cache
-from wuerstchen_data import CaptionOptions, load_training_dataset, sample_plan
-from wuerstchen_models import load_image_encoder, load_prior_components
+from wuerstchen_lora import objective
+from wuerstchen_lora import recipe as trainer
+from wuerstchen_lora.cache import CachedExamples, build_cache
+from wuerstchen_lora.data import CaptionOptions, load_training_dataset, sample_plan
+from wuerstchen_lora.models import load_image_encoder, load_prior_components
 
 
 def test_shuffle_keeps_the_first_tags_and_adds_the_prefix():
@@ -52,10 +53,10 @@ def test_cached_dropout_shuffle_and_repeats(tiny, tmp_path):
     args = trainer.parse_args(["--dataset", tiny["dataset"], "--resolution", "64", "--center_crop", "--caption_prefix", "sks, "])
     dataset, image_column, caption_column = load_training_dataset(args.dataset)
     args.image_column, args.caption_column = image_column, caption_column
-    encode_text = lambda captions: trainer.encode_text(text_encoder, tokenizer, captions, "cpu")  # noqa: E731
+    encode_text = lambda captions: objective.encode_text(text_encoder, tokenizer, captions, "cpu")  # noqa: E731
     opts = CaptionOptions(prefix="sks, ", dropout=0.5)
     build_cache(str(tmp_path / "c"), dataset, image_column, caption_column, args,
-                lambda px: trainer.encode_images(image_encoder, px), encode_text, OneProcess(), captions=opts)
+                lambda px: objective.encode_images(image_encoder, px), encode_text, OneProcess(), captions=opts)
 
     cached = CachedExamples(str(tmp_path / "c"), 64, False, 0, opts, repeats=2)
     assert len(cached) == 16

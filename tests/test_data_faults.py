@@ -15,10 +15,10 @@ from conftest import run_script, train_args
 from PIL import Image
 from safetensors.torch import load_file
 
-import train_wuerstchen_prior_lora as trainer
 from tools.make_tiny_models import make_image_dataset
-from wuerstchen_data import describe_effective_batch, load_training_dataset
-from wuerstchen_models import UserError
+from wuerstchen_lora import recipe as trainer
+from wuerstchen_lora.data import describe_effective_batch, load_training_dataset
+from wuerstchen_lora.models import UserError
 
 
 def error_line(err):

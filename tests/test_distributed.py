@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, script_env, train_args
 from safetensors.torch import load_file
 
-from wuerstchen_models import LORA_WEIGHTS_NAME, lora_digest
+from wuerstchen_lora.models import LORA_WEIGHTS_NAME, lora_digest
 
 
 def free_port():

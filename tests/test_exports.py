@@ -4,8 +4,8 @@ import torch
 from conftest import prior_output
 from diffusers import WuerstchenPriorPipeline
 
-import infer
-from wuerstchen_models import (
+from wuerstchen_lora import inference as infer
+from wuerstchen_lora.models import (
     LORA_WEIGHTS_NAME,
     PEFT_ADAPTER_DIR,
     WuerstchenPrior,
@@ -52,8 +52,8 @@ def test_hub_upload_plan_and_offline_error(trained):
 
     import pytest
 
-    from training_outputs import hub_upload_plan, push_to_hub
-    from wuerstchen_models import UserError
+    from wuerstchen_lora.models import UserError
+    from wuerstchen_lora.outputs import hub_upload_plan, push_to_hub
 
     plan = hub_upload_plan(str(trained))
     assert {"pytorch_lora_weights.safetensors", "README.md", "training_info.json", "args.json",

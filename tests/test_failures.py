@@ -13,11 +13,11 @@ from conftest import ROOT, run_script, script_env, train_args
 from PIL import Image
 from safetensors.torch import load_file
 
-import infer
-import train_wuerstchen_prior_lora as trainer
-import wuerstchen_models
 from tools.make_tiny_models import make_image_dataset
-from wuerstchen_models import LORA_WEIGHTS_NAME
+from wuerstchen_lora import inference as infer
+from wuerstchen_lora import models as wuerstchen_models
+from wuerstchen_lora import recipe as trainer
+from wuerstchen_lora.models import LORA_WEIGHTS_NAME
 
 
 def assert_clean_error(proc, *needles, status=2):

@@ -9,8 +9,8 @@ import torch
 from conftest import prior_output, run_script, train_args
 from safetensors.torch import load_file
 
-import train_wuerstchen_prior_lora as trainer
-from wuerstchen_models import LORA_WEIGHTS_NAME, load_prior_components
+from wuerstchen_lora import recipe as trainer
+from wuerstchen_lora.models import LORA_WEIGHTS_NAME, load_prior_components
 
 # Random crops and flips, the prior's dropout on: the comparisons below hold with randomness on.
 RANDOM = ["--random_flip", "--caption_dropout", "0.2", "--learning_rate", "1e-3"]
@@ -236,7 +236,7 @@ def test_benchmark_device_path_runs_on_the_cpu(tmp_path):
 
     from conftest import ROOT, script_env
 
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "benchmark.py"), "--smoke_device_path", "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "bench.benchmark", "--smoke_device_path", "--out", str(tmp_path),
                            "--modes", "eager bf16,compile default,checkpointing 0.5"],
                           capture_output=True, text=True, env=script_env(), cwd=str(ROOT), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

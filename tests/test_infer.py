@@ -7,8 +7,8 @@ from conftest import INFER, run_script
 from PIL import Image
 from safetensors.torch import save_file
 
-import infer
-from wuerstchen_models import (
+from wuerstchen_lora import inference as infer
+from wuerstchen_lora.models import (
     DEFAULT_STAGE_C_TIMESTEPS,
     build_prior_pipeline,
     generate_images,

@@ -9,14 +9,18 @@ import torch
 from conftest import prior_output, run_script, train_args
 from PIL import Image
 
-import infer
-from validation import make_held_out_loss, make_validator, prior_sharding
-from wuerstchen_models import (
+from wuerstchen_lora import inference as infer
+from wuerstchen_lora.models import (
     LORA_WEIGHTS_NAME,
     WuerstchenPrior,
     image_formats,
     load_prior_components,
     use_sdpa_attention,
+)
+from wuerstchen_lora.validation import (
+    make_held_out_loss,
+    make_validator,
+    prior_sharding,
 )
 
 

@@ -4,8 +4,8 @@ import re
 import shlex
 from pathlib import Path
 
-import infer
-import train_wuerstchen_prior_lora as trainer
+from wuerstchen_lora import inference as infer
+from wuerstchen_lora import recipe as trainer
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from conftest import run_script, train_args
 
-import run_guard
-import train_wuerstchen_prior_lora as trainer
-from training_outputs import list_checkpoints, prune_checkpoints
-from wuerstchen_models import LORA_WEIGHTS_NAME, UserError
+from wuerstchen_lora import guard as run_guard
+from wuerstchen_lora import recipe as trainer
+from wuerstchen_lora.models import LORA_WEIGHTS_NAME, UserError
+from wuerstchen_lora.outputs import list_checkpoints, prune_checkpoints
 
 STEPS = 4
 BASE = ["--checkpointing_steps", "2", "--learning_rate", "1e-3"]

@@ -14,9 +14,14 @@ import torch.nn.functional as F
 from conftest import OneProcess
 from PIL import Image
 
-from embedding_cache import CachedExamples, build_cache, image_for_cache
-from wuerstchen_data import CaptionedImages, CaptionOptions, ImageTransform, sample_plan
-from wuerstchen_models import IMAGENET_MEAN, IMAGENET_STD
+from wuerstchen_lora.cache import CachedExamples, build_cache, image_for_cache
+from wuerstchen_lora.data import (
+    CaptionedImages,
+    CaptionOptions,
+    ImageTransform,
+    sample_plan,
+)
+from wuerstchen_lora.models import IMAGENET_MEAN, IMAGENET_STD
 
 RES = 64
 # (width, height): lattice-aligned wide and tall images, one with a single free cell, one square

@@ -8,13 +8,14 @@ from conftest import prior_output, run_script, train_args
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import train_wuerstchen_prior_lora as trainer
-from training_outputs import EMA_WEIGHTS_NAME
-from wuerstchen_models import (
+from wuerstchen_lora import objective
+from wuerstchen_lora import recipe as trainer
+from wuerstchen_lora.models import (
     LORA_WEIGHTS_NAME,
     load_image_encoder,
     load_prior_components,
 )
+from wuerstchen_lora.outputs import EMA_WEIGHTS_NAME
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -115,10 +116,10 @@ def test_only_lora_weights_change(tiny):
     _, params, _ = trainer.add_lora(prior, args)
     opt = torch.optim.AdamW(params, lr=args.learning_rate)
     pixels = torch.randn(2, 3, 64, 64)
-    emb = trainer.encode_images(image_encoder, pixels)
-    text = trainer.encode_text(text_encoder, tokenizer, ["a", "b"], "cpu")
+    emb = objective.encode_images(image_encoder, pixels)
+    text = objective.encode_text(text_encoder, tokenizer, ["a", "b"], "cpu")
     for _ in range(3):
-        trainer.compute_loss(prior, scheduler, emb, text).backward()
+        objective.compute_loss(prior, scheduler, emb, text).backward()
         opt.step()
         opt.zero_grad()
     after = prior.state_dict()
@@ -137,7 +138,7 @@ def fixed_loss(prior, scheduler, image_embeddings, text_embeddings):
         noise = torch.randn(image_embeddings.shape, generator=g)
         t = torch.rand(image_embeddings.shape[0], generator=g)
         with torch.no_grad():
-            losses.append(trainer.compute_loss(prior.eval(), scheduler, image_embeddings, text_embeddings, noise, t).item())
+            losses.append(objective.compute_loss(prior.eval(), scheduler, image_embeddings, text_embeddings, noise, t).item())
     return sum(losses) / len(losses)
 
 
@@ -146,15 +147,19 @@ def test_training_lowers_loss_on_fixed_noise(trained, tiny):
     from diffusers import WuerstchenPriorPipeline
     from torch.utils.data import default_collate
 
-    from wuerstchen_data import CaptionedImages, ImageTransform, load_training_dataset
+    from wuerstchen_lora.data import (
+        CaptionedImages,
+        ImageTransform,
+        load_training_dataset,
+    )
 
     dataset, image_column, caption_column = load_training_dataset(tiny["dataset"])
     examples = CaptionedImages(dataset, image_column, caption_column, ImageTransform(128, center_crop=True), seed=0)
     batch = default_collate([examples[i] for i in range(len(examples))])
     prior, text_encoder, tokenizer, scheduler = load_prior_components(tiny["prior"])
     image_encoder = load_image_encoder(tiny["image_encoder"])
-    emb = trainer.encode_images(image_encoder, batch["pixel_values"])
-    text = trainer.encode_text(text_encoder, tokenizer, batch["caption"], "cpu")
+    emb = objective.encode_images(image_encoder, batch["pixel_values"])
+    text = objective.encode_text(text_encoder, tokenizer, batch["caption"], "cpu")
     base = fixed_loss(prior, scheduler, emb, text)
     pipe = WuerstchenPriorPipeline(tokenizer=tokenizer, text_encoder=text_encoder, prior=prior, scheduler=scheduler)
     pipe.load_lora_weights(str(trained), weight_name=LORA_WEIGHTS_NAME)
@@ -189,7 +194,7 @@ def test_resume_continues_exactly(tiny, tmp_path):
 
 
 def test_sdpa_attention_matches_classic(tiny):
-    from wuerstchen_models import use_sdpa_attention
+    from wuerstchen_lora.models import use_sdpa_attention
 
     prior, *_ = load_prior_components(tiny["prior"])
     classic = prior_output(prior)

@@ -6,10 +6,11 @@ import pytest
 import torch
 from conftest import run_script, train_args
 
-import train_wuerstchen_prior_lora as trainer
-from validation import HeldOutLoss
-from wuerstchen_data import load_training_dataset
-from wuerstchen_models import load_image_encoder, load_prior_components
+from wuerstchen_lora import objective
+from wuerstchen_lora import recipe as trainer
+from wuerstchen_lora.data import load_training_dataset
+from wuerstchen_lora.models import load_image_encoder, load_prior_components
+from wuerstchen_lora.validation import HeldOutLoss
 
 
 class OneProcess:
@@ -27,15 +28,15 @@ def test_held_out_loss_is_fixed_for_fixed_weights(tiny):
     args = trainer.parse_args(["--dataset", tiny["dataset"], "--resolution", "64", "--train_batch_size", "3"])
     dataset, image_column, caption_column = load_training_dataset(tiny["dataset"])
     held_out = HeldOutLoss(dataset.select(range(5)), image_column, caption_column, args,
-                           lambda px: trainer.encode_images(image_encoder, px),
-                           lambda c: trainer.encode_text(text_encoder, tokenizer, c, "cpu"))
+                           lambda px: objective.encode_images(image_encoder, px),
+                           lambda c: objective.encode_text(text_encoder, tokenizer, c, "cpu"))
     prior.train()
-    first = held_out(prior, scheduler, OneProcess(), trainer.compute_loss)
-    assert held_out(prior, scheduler, OneProcess(), trainer.compute_loss) == first  # dropout off, same noise
+    first = held_out(prior, scheduler, OneProcess())
+    assert held_out(prior, scheduler, OneProcess()) == first  # dropout off, same noise
     assert prior.training  # the training mode comes back
     with torch.no_grad():
         prior.out[1].weight.mul_(1.5)
-    assert held_out(prior, scheduler, OneProcess(), trainer.compute_loss) != first
+    assert held_out(prior, scheduler, OneProcess()) != first
 
 
 @pytest.mark.parametrize("how", ["split", "dataset"])

@@ -9,14 +9,15 @@ from diffusers import WuerstchenPriorPipeline
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-import train_wuerstchen_prior_lora as trainer
-from training_outputs import EMA_WEIGHTS_NAME
-from wuerstchen_models import (
+from wuerstchen_lora import objective
+from wuerstchen_lora import recipe as trainer
+from wuerstchen_lora.models import (
     LORA_WEIGHTS_NAME,
     load_prior_components,
     lora_config_dict,
     save_lora_file,
 )
+from wuerstchen_lora.outputs import EMA_WEIGHTS_NAME
 
 
 def variant_args(tiny, *flags):
@@ -64,10 +65,10 @@ def test_loss_weights_follow_their_formulas(tiny):
     s = 0.008  # the scheduler's cosine schedule, written out independently here
     abar = (torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2 / math.cos(s / (1 + s) * math.pi / 2) ** 2).clamp(1e-4, 0.9999)
     snr = abar / (1 - abar)
-    torch.testing.assert_close(trainer.loss_weights(scheduler, t, "p2"), 1 / (1 + snr))
-    torch.testing.assert_close(trainer.loss_weights(scheduler, t, "min_snr", 5.0), torch.clamp(snr, max=5.0) / snr)
-    assert trainer.loss_weights(scheduler, t, "none") is None
-    w = trainer.loss_weights(scheduler, t, "min_snr", 5.0)
+    torch.testing.assert_close(objective.loss_weights(scheduler, t, "p2"), 1 / (1 + snr))
+    torch.testing.assert_close(objective.loss_weights(scheduler, t, "min_snr", 5.0), torch.clamp(snr, max=5.0) / snr)
+    assert objective.loss_weights(scheduler, t, "none") is None
+    w = objective.loss_weights(scheduler, t, "min_snr", 5.0)
     assert w[0] < 1 and w[-1] == pytest.approx(1.0)  # high-SNR (small t) samples are down-weighted
 
 
@@ -77,13 +78,13 @@ def test_unweighted_loss_is_plain_mse(tiny):
     emb, noise = torch.randn(3, 16, 2, 2, generator=g), torch.randn(3, 16, 2, 2, generator=g)
     t, text = torch.rand(3, generator=g), torch.randn(3, 77, 32, generator=g)
     with torch.no_grad():
-        loss = trainer.compute_loss(prior.eval(), scheduler, emb, text, noise, t)
+        loss = objective.compute_loss(prior.eval(), scheduler, emb, text, noise, t)
         pred = prior(scheduler.add_noise(emb, noise, t), t, text)
     torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred, noise))
 
 
 def test_noise_offset_shifts_each_channel_and_is_reproducible():
-    from wuerstchen_data import sample_noise
+    from wuerstchen_lora.data import sample_noise
 
     def draw(offset):
         noises, timesteps = zip(*(sample_noise(seed, (16, 8, 8), offset) for seed in (1, 2, 3)))

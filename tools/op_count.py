@@ -54,8 +54,8 @@ def lora_step_ops(config, optimized=True, batch=2, grid=4, rank=8, dtype=torch.b
     from peft import LoraConfig
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import train_wuerstchen_prior_lora as trainer
-    from wuerstchen_models import WuerstchenPrior, use_sdpa_attention
+    from wuerstchen_lora import recipe as trainer
+    from wuerstchen_lora.models import WuerstchenPrior, use_sdpa_attention
 
     previous = torch.get_default_dtype()
     with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):

@@ -40,10 +40,6 @@ except ImportError:  # older releases
         WuerstchenDiffNeXt,
         WuerstchenPrior,
     )
-    from diffusers.pipelines.wuerstchen.modeling_wuerstchen_common import (  # type: ignore[no-redef]
-        GlobalResponseNorm,
-        WuerstchenLayerNorm,
-    )
 
 DEFAULT_PRIOR = "warp-ai/wuerstchen-prior"
 DEFAULT_DECODER = "warp-ai/wuerstchen"

@@ -19,8 +19,8 @@ import time
 import uuid
 import zipfile
 
-from training_outputs import CHECKPOINT_RE, TRAINER_STATE_NAME, list_checkpoints
-from wuerstchen_models import LORA_WEIGHTS_NAME, TRAINING_INFO_NAME, UserError
+from wuerstchen_lora.models import LORA_WEIGHTS_NAME, TRAINING_INFO_NAME, UserError
+from wuerstchen_lora.outputs import CHECKPOINT_RE, TRAINER_STATE_NAME, list_checkpoints
 
 LOCK_NAME = ".trainer.lock"
 STATE_FORMAT = 2
@@ -460,7 +460,7 @@ def _setting_errors(old, new):
 def plan_resume(args, accelerator):
     """Resolve --resume_from_checkpoint and check it against this run, reading only small files.
     Returns None (no resume) or a ResumePlan; raises UserError with one line otherwise."""
-    from training_outputs import sharded_engine
+    from wuerstchen_lora.outputs import sharded_engine
 
     if not args.resume_from_checkpoint:
         if args.discard_newer_checkpoints:

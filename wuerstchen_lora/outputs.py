@@ -11,7 +11,7 @@ import shutil
 
 import torch
 
-from wuerstchen_models import (
+from wuerstchen_lora.models import (
     LORA_WEIGHTS_NAME,
     PEFT_ADAPTER_DIR,
     TRAINING_INFO_NAME,
@@ -102,7 +102,7 @@ def save_checkpoint(accelerator, args, global_step):
     Written under a temporary name and renamed once complete, so `latest` never picks a half-written
     one; a failed write (a full disk) removes the temporary folder and leaves every earlier file.
     """
-    from run_guard import checkpoint_state, disk_problem
+    from wuerstchen_lora.guard import checkpoint_state, disk_problem
 
     final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{global_step}")
@@ -157,7 +157,7 @@ def resume_checkpoint(run, args):
     EMA decay, which the restored optimiser and schedule state would otherwise override) and are
     reported in one line. With --discard_newer_checkpoints the newer checkpoints are deleted.
     """
-    from run_guard import changed_settings, earlier_readable_checkpoint
+    from wuerstchen_lora.guard import changed_settings, earlier_readable_checkpoint
 
     accelerator, plan = run.accelerator, run.resume_plan
     path, step = plan.path, plan.step

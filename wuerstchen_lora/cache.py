@@ -27,7 +27,7 @@ from safetensors import safe_open
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from wuerstchen_data import (
+from wuerstchen_lora.data import (
     CaptionOptions,
     caption_count,
     caption_list,
@@ -37,7 +37,7 @@ from wuerstchen_data import (
     sample_plan,
     to_rgb,
 )
-from wuerstchen_models import (
+from wuerstchen_lora.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     atomic_save_tensors,

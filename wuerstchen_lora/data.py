@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from wuerstchen_models import IMAGENET_MEAN, IMAGENET_STD, UserError
+from wuerstchen_lora.models import IMAGENET_MEAN, IMAGENET_STD, UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from wuerstchen_models import (
+from wuerstchen_lora.models import (
     DEFAULT_DECODER,
     UserError,
     build_prior_pipeline,
@@ -14,6 +14,7 @@ from wuerstchen_models import (
     output_size_for_training_resolution,
     save_png,
 )
+from wuerstchen_lora.objective import compute_loss
 
 # Timesteps of the held-out loss: spread over the schedule, the same at every evaluation.
 HELD_OUT_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -135,7 +136,7 @@ class HeldOutLoss:
     fixed noise per sample and timestep; `__call__` gives the prior's mean loss on them."""
 
     def __init__(self, dataset, image_column, caption_column, args, encode_image, encode_text):
-        from wuerstchen_data import ImageTransform, pick_caption
+        from wuerstchen_lora.data import ImageTransform, pick_caption
 
         transform = ImageTransform(args.resolution, center_crop=True, random_flip=False)
         self.batches = []
@@ -150,7 +151,7 @@ class HeldOutLoss:
         self.size = len(dataset)
 
     @torch.no_grad()
-    def __call__(self, prior, scheduler, accelerator, compute_loss):
+    def __call__(self, prior, scheduler, accelerator):
         was_training = prior.training
         prior.eval()
         total = 0.0

@@ -1,0 +1,235 @@
+"""Inference: the prior with a trained LoRA, then the decoder. The usage page is the docstring of
+infer.py, the script that runs `main`."""
+
+import argparse
+import os
+import sys
+
+import torch
+
+from wuerstchen_lora.models import (
+    ADAPTER_NAME,
+    DEFAULT_DECODER,
+    DEFAULT_PRIOR,
+    LORA_WEIGHTS_NAME,
+    UserError,
+    build_prior_pipeline,
+    check_lora_file,
+    generate_images,
+    image_formats,
+    load_decoder_pipeline,
+    load_lora_checked,
+    load_prior_components,
+    quiet_library_logs,
+    read_training_info,
+    save_image,
+    use_sdpa_attention,
+)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate images with a trained Wuerstchen prior LoRA: prior + LoRA -> decoder -> image files.", allow_abbrev=False)
+    p.add_argument("--checkpoint", required=True, help="training output folder, a checkpoint-N folder, or the .safetensors file")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="the prompt")
+    prompt.add_argument("--prompt_file", help="a text file with one prompt per line (blank lines ignored)")
+    p.add_argument("--negative_prompt", default=None)
+    p.add_argument("--num_images", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=1024, help="output height in px (multiple of 128)")
+    p.add_argument("--width", type=int, default=1024, help="output width in px (multiple of 128)")
+    p.add_argument("--prior_guidance_scale", type=float, default=4.0)
+    p.add_argument("--decoder_steps", type=int, default=12)
+    p.add_argument("--decoder_guidance_scale", type=float, default=0.0)
+    p.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA; 0 gives the base model (also for DoRA, whose magnitudes otherwise apply in full at any scale)")
+    p.add_argument("--fuse_lora", action="store_true", help="merge the LoRA into the prior weights (same images, no extra latency)")
+    p.add_argument("--prior_model", default=None, help="default: the base model the LoRA was trained on, else " + DEFAULT_PRIOR)
+    p.add_argument("--decoder_model", default=None, help="default: the training metadata's decoder, else " + DEFAULT_DECODER)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--output", default="demo.png", help="image path: .png, .jpg/.jpeg or .webp (no extension: .png); several images get -0, -1, ... before the suffix")
+    p.add_argument("--save_merged_prior", default=None, metavar="DIR", help="instead of generating: write the prior with the LoRA (times --lora_scale) merged in, loadable with WuerstchenPrior.from_pretrained")
+    args = p.parse_args(argv)
+    if args.save_merged_prior:
+        args.dtype = args.dtype or "fp32"  # merge at full precision unless told otherwise
+    elif args.prompt is None and args.prompt_file is None:
+        raise UserError("give --prompt or --prompt_file (or --save_merged_prior DIR to export a merged prior)")
+    if args.num_images <= 0 or args.decoder_steps <= 0:
+        raise UserError("--num_images and --decoder_steps must be positive")
+    for side in ("height", "width"):
+        value = getattr(args, side)
+        if value <= 0:
+            raise UserError(f"--{side} {value}: the image size must be positive; give a multiple of 128 such as 1024")
+        rounded = max(128, round(value / 128) * 128)
+        if value != rounded:
+            print(f"note: --{side} {value} is not a multiple of 128; using {rounded}", file=sys.stderr)
+            setattr(args, side, rounded)
+    if not args.save_merged_prior:
+        check_output_type(args.output)
+    if args.save_merged_prior:
+        args.prompts = []
+    elif args.prompt_file is not None:
+        if not os.path.isfile(args.prompt_file):
+            raise UserError(f"--prompt_file {args.prompt_file}: no such file")
+        with open(args.prompt_file, encoding="utf-8", errors="replace") as f:
+            args.prompts = [line.strip() for line in f if line.strip()]
+        if not args.prompts:
+            raise UserError(f"--prompt_file {args.prompt_file} holds no prompt")
+    else:
+        args.prompts = [args.prompt]
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    return args
+
+
+def resolve_lora_path(checkpoint):
+    if os.path.isdir(checkpoint):
+        path = os.path.join(checkpoint, LORA_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise UserError(f"--checkpoint {checkpoint}: no {LORA_WEIGHTS_NAME} in this folder; give a training output or checkpoint-N folder")
+        return path
+    if not os.path.isfile(checkpoint):
+        raise UserError(f"--checkpoint {checkpoint}: no such file or folder")
+    return checkpoint
+
+
+def check_output_type(output):
+    """Refuse an --output whose extension names no image type this script writes (no extension: .png)."""
+    if output.endswith(("/", os.sep)):
+        raise UserError(f"--output {output} is a folder; give an image path such as {os.path.join(output, 'image.png')}")
+    ext = os.path.splitext(output)[1]
+    if ext and ext.lower() not in image_formats():
+        raise UserError(f"--output {output}: unsupported image type {ext}; use {', '.join(image_formats())}")
+    return output
+
+
+def output_file(output):
+    """The --output path to write, checked before any model loads: not a folder; no extension means .png."""
+    if os.path.isdir(output):
+        raise UserError(f"--output {output} is a folder; give an image path such as {os.path.join(output, 'image.png')}")
+    return output if os.path.splitext(output)[1] else output + ".png"
+
+
+def output_paths(output, n):
+    """One image: the path as given; several: numbered, in prompt order (prompt 0's images first)."""
+    if n == 1:
+        return [output]
+    stem, ext = os.path.splitext(output)
+    return [f"{stem}-{i}{ext or '.png'}" for i in range(n)]
+
+
+def load_prior_pipeline(args, lora_path):
+    """Prior pipeline with the LoRA loaded (checked) and scaled or fused."""
+    info = read_training_info(lora_path) or {}
+    dtype = DTYPES[args.dtype]
+    prior_model = args.prior_model or info.get("base_model") or DEFAULT_PRIOR
+    prior, text_encoder, tokenizer, scheduler = load_prior_components(prior_model, None if args.prior_model else info.get("revision"))
+    use_sdpa_attention(prior)
+    prior_pipeline = build_prior_pipeline(prior, text_encoder, tokenizer, scheduler).to(args.device, dtype=dtype)
+    load_lora_checked(prior_pipeline, lora_path, adapter_name=ADAPTER_NAME)
+    if args.lora_scale == 0:
+        # Checked above, then removed: the base prior exactly. A DoRA adapter at scale 0 would still
+        # rescale every adapted layer by its learned magnitudes (peft keeps applying them).
+        prior_pipeline.unload_lora_weights()
+        print("note: --lora_scale 0: the LoRA file was checked but is not applied; this is the base model", file=sys.stderr)
+    else:
+        if uses_dora(prior_pipeline.prior) and args.lora_scale != 1.0:
+            print(f"note: DoRA adapter: --lora_scale {args.lora_scale:g} scales the learned direction change only; "
+                  "its learned magnitudes apply in full at any scale other than 0", file=sys.stderr)
+        if args.fuse_lora:
+            prior_pipeline.fuse_lora(components=["prior"], lora_scale=args.lora_scale)
+            # Drop the adapter wrappers too (the merged weights stay): a plain prior, no added latency.
+            prior_pipeline.unload_lora_weights()
+        elif args.lora_scale != 1.0:
+            scale_lora(prior_pipeline, args.lora_scale)
+    prior_pipeline.set_progress_bar_config(disable=True)
+    return prior_pipeline
+
+
+def uses_dora(prior):
+    """Whether the adapter loaded into `prior` is DoRA (weight-decomposed: learned magnitudes)."""
+    config = getattr(prior, "peft_config", {}).get(ADAPTER_NAME)
+    return bool(getattr(config, "use_dora", False))
+
+
+def scale_lora(prior_pipeline, scale):
+    """Run the LoRA at `scale` times its trained strength."""
+    try:
+        prior_pipeline.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+    except KeyError:  # diffusers before 0.38 registers no scale function for WuerstchenPrior: ask peft's layers
+        from peft.tuners.lora import LoraLayer
+
+        for module in prior_pipeline.prior.modules():
+            if isinstance(module, LoraLayer):
+                module.scale_layer(scale)
+
+
+def load_pipelines(args, lora_path):
+    """Prior pipeline with the LoRA, and the decoder pipeline."""
+    info = read_training_info(lora_path) or {}
+    decoder_model = args.decoder_model or info.get("decoder_model") or DEFAULT_DECODER
+    return load_prior_pipeline(args, lora_path), load_decoder_pipeline(decoder_model, dtype=DTYPES[args.dtype], device=args.device)
+
+
+def save_merged_prior(args, lora_path):
+    """Merge the LoRA into the prior's weights, drop the adapter layers and save a plain prior."""
+    args.fuse_lora = True
+    prior_pipeline = load_prior_pipeline(args, lora_path)
+    prior_pipeline.prior.save_pretrained(args.save_merged_prior)
+    print(args.save_merged_prior)
+    return [args.save_merged_prior]
+
+
+def note_long_prompts(tokenizer, prompts, negative_prompt=None):
+    """One note line naming the prompts CLIP truncates (77 tokens, start and end tokens included)."""
+    limit = tokenizer.model_max_length
+    texts = [("the prompt" if len(prompts) == 1 else f"prompt {i + 1}", p) for i, p in enumerate(prompts)]
+    texts += [("--negative_prompt", negative_prompt)] if negative_prompt else []
+    long = [f"{name} ({n} tokens)" for name, text in texts if (n := len(tokenizer(text).input_ids)) > limit]
+    if long:
+        shown = ", ".join(long[:3]) + (f" and {len(long) - 3} more" if len(long) > 3 else "")
+        print(f"note: {shown} {'is' if len(long) == 1 else 'are'} longer than CLIP's {limit} tokens: "
+              f"truncated to the first {limit}", file=sys.stderr)
+    return len(long)
+
+
+def run(args):
+    quiet_library_logs()
+    lora_path = resolve_lora_path(args.checkpoint)
+    check_lora_file(lora_path)  # before minutes of model loading
+    if args.save_merged_prior:
+        return save_merged_prior(args, lora_path)
+    args.output = output_file(args.output)
+    prior_pipeline, decoder_pipeline = load_pipelines(args, lora_path)
+    note_long_prompts(prior_pipeline.tokenizer, args.prompts, args.negative_prompt)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    images = generate_images(
+        prior_pipeline,
+        decoder_pipeline,
+        args.prompts,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=args.num_images,
+        prior_guidance_scale=args.prior_guidance_scale,
+        decoder_steps=args.decoder_steps,
+        decoder_guidance_scale=args.decoder_guidance_scale,
+        generator=generator,
+    )
+    paths = output_paths(args.output, len(images))
+    for image, path in zip(images, paths):
+        save_image(image, path)
+        print(path)
+    return paths
+
+
+def main(argv=None):
+    try:
+        run(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+

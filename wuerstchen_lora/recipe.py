@@ -1,0 +1,1091 @@
+"""The training recipe: arguments, set-up, the loop and what it writes. The usage page is the
+docstring of train_wuerstchen_prior_lora.py, the script that runs `main`."""
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import random
+import re
+import sys
+import time
+
+import torch
+
+from wuerstchen_lora.models import (
+    DEFAULT_DECODER,
+    DEFAULT_LORA_TARGETS,
+    DEFAULT_PRIOR,
+    UserError,
+    atomic_write_json,
+    quiet_library_logs,
+)
+from wuerstchen_lora.objective import (
+    compute_loss,
+    encode_images,
+    encode_text,
+    scheduler_to,
+    step_seed,
+)
+from wuerstchen_lora.outputs import (
+    list_checkpoints,
+    push_to_hub,
+    register_lora_checkpoint_hooks,
+    resume_checkpoint,
+    save_checkpoint,
+    training_info,
+    write_outputs,
+)
+from wuerstchen_lora.validation import make_held_out_loss, make_validator
+
+# Which of the prior's Linear layers get LoRA (REFERENCE.md lists them). "mapper" is the
+# TimestepBlock's; peft matches names by suffix, so "mapper" does not catch kv_mapper or cond_mapper.
+LORA_TARGET_PRESETS = {
+    "attn": DEFAULT_LORA_TARGETS,
+    "attn-mlp": DEFAULT_LORA_TARGETS + ("channelwise.0", "channelwise.4"),
+    "all-linear": DEFAULT_LORA_TARGETS + ("channelwise.0", "channelwise.4", "kv_mapper.1", "mapper", "cond_mapper.0", "cond_mapper.2"),
+}
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def number(cast, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: a finite int or float within bounds (None: unbounded on that side)."""
+    if high is None:
+        what = "positive" if low == 0 and low_open else f"{low:g} or more"
+    else:
+        what = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if cast is int else 'a number'} (got {text})") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {what} (got {value:g})")
+        return value
+
+    parse.__name__ = cast.__name__
+    parse.numeric = True  # attach_negative_numbers: its values may start with '-'
+    return parse
+
+
+POSITIVE_INT, POSITIVE, NON_NEGATIVE_INT, NON_NEGATIVE = number(int, 0, low_open=True), number(float, 0, low_open=True), number(int, 0), number(float, 0)
+PROBABILITY = number(float, 0, 1, high_open=True)  # [0, 1)
+unit_fraction = number(float, 0, 1, low_open=True)  # (0, 1]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one `error:` line (UserError) instead of usage + exit."""
+
+    def error(self, message):
+        raise UserError(re.sub(r"^argument (--\w+)(?:/\S+)?: ", r"\1 ", message))
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="Train a LoRA adapter on the Wuerstchen v2 prior (Stage C) and write pytorch_lora_weights.safetensors.", allow_abbrev=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_prior_model_name_or_path", default=DEFAULT_PRIOR, help="hub id or local folder laid out like warp-ai/wuerstchen-prior")
+    g.add_argument("--revision", default=None, help="hub revision of the prior repo")
+    g.add_argument("--image_encoder", default=None, help="EfficientNet weights: .pt/.pth (Stage-B checkpoint or bare state dict) or .safetensors; default: model_v2_stage_b.pt from dome272/wuerstchen")
+    g.add_argument("--pretrained_decoder_model_name_or_path", default=DEFAULT_DECODER, help="decoder repo, only used for validation images")
+
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=POSITIVE_INT, default=8, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=POSITIVE, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    g.add_argument("--lora_dropout", type=PROBABILITY, default=0.0)
+    g.add_argument("--lora_targets", default="attn", choices=sorted(LORA_TARGET_PRESETS), help="which Linear layers get LoRA: attention projections (default), + the ResBlock MLPs, or every Linear")
+    g.add_argument("--lora_target_modules", default=None, help="explicit comma-separated module names (overrides --lora_targets), e.g. to_q,to_k,to_v,to_out.0")
+    g.add_argument("--use_dora", action="store_true", help="weight-decomposed LoRA (DoRA, peft)")
+    g.add_argument("--use_rslora", action="store_true", help="rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r (peft)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", "--dataset_name", "--train_data_dir", dest="dataset", default=None, help="hub dataset, local folder (imagefolder or images + .txt captions) or .jsonl/.csv/.parquet file")
+    g.add_argument("--image_column", default=None, help="default: detected")
+    g.add_argument("--caption_column", default=None, help="default: detected")
+    g.add_argument("--max_train_samples", type=POSITIVE_INT, default=None, help="use only this many samples (shuffled with --seed)")
+    g.add_argument("--cache_dir", default=None, help="where datasets and models downloaded from the hub are stored")
+    g.add_argument("--resolution", type=POSITIVE_INT, default=768, help="training size in px; 768 matches 1024 px output (REFERENCE: stride 32 vs 42.67)")
+    crop = g.add_mutually_exclusive_group()
+    crop.add_argument("--center_crop", dest="center_crop", action="store_true", help="crop the centre square")
+    crop.add_argument("--random_crop", dest="center_crop", action="store_false", help="crop a random square (default)")
+    g.add_argument("--random_flip", action="store_true", help="flip horizontally with probability 0.5")
+    g.add_argument("--aspect_ratio_buckets", action="store_true", help="train each image at the bucket (sides multiple of 32, about resolution^2 pixels) nearest its aspect ratio instead of a square crop")
+    g.add_argument("--bucket_max_upscale", type=number(float, 1), default=2.0, help="with buckets: leave out images that would need more enlargement than this")
+    g.add_argument("--dataloader_num_workers", type=NON_NEGATIVE_INT, default=0)
+    g.add_argument("--repeats", type=POSITIVE_INT, default=1, help="how often each image appears per epoch")
+    g.add_argument("--caption_prefix", default="", help='prepended to every caption, e.g. "sks style, "')
+    g.add_argument("--caption_dropout", type=PROBABILITY, default=0.0, help="probability of training a sample on the empty caption")
+    g.add_argument("--shuffle_tags", action="store_true", help="shuffle comma-separated tags each time a sample is drawn (captions are then encoded every step)")
+    g.add_argument("--keep_tokens", type=NON_NEGATIVE_INT, default=0, help="with --shuffle_tags: the first N tags stay in place")
+    g.add_argument("--max_bad_images", type=PROBABILITY, default=0.05, help="largest share of unreadable images to skip before refusing to train")
+    g.add_argument("--allow_missing_captions", action="store_true", help="train even when more than half of the captions are missing or empty (they train as the empty caption)")
+    cache = g.add_mutually_exclusive_group()
+    cache.add_argument("--cache_embeddings", dest="cache_embeddings", action="store_true", default=True, help="encode images and captions once and train from the cache (default; see wuerstchen_lora/cache.py for random crops)")
+    cache.add_argument("--no_cache_embeddings", dest="cache_embeddings", action="store_false", help="run EfficientNet and CLIP on every step (pixel-exact random crops)")
+    g.add_argument("--embeddings_cache_dir", default=None, help="where the cache lives (default: OUTPUT_DIR/embeddings_cache); share one between runs")
+    g.add_argument("--cache_batch_size", type=POSITIVE_INT, default=8, help="images encoded per EfficientNet call while the cache is built (images of one size go together); lower it if caching runs out of memory")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--seed", type=int, default=42, help="seed for data order, augmentation, noise and timesteps")
+    g.add_argument("--train_batch_size", type=POSITIVE_INT, default=1, help="per process")
+    g.add_argument("--gradient_accumulation_steps", type=POSITIVE_INT, default=1)
+    g.add_argument("--max_train_steps", type=POSITIVE_INT, default=None, help="optimiser steps; overrides --num_train_epochs")
+    g.add_argument("--num_train_epochs", type=POSITIVE_INT, default=1)
+    g.add_argument("--learning_rate", type=POSITIVE, default=1e-4)
+    g.add_argument("--adam_weight_decay", type=NON_NEGATIVE, default=1e-2)
+    g.add_argument("--adam_beta1", type=PROBABILITY, default=0.9)
+    g.add_argument("--adam_beta2", type=PROBABILITY, default=0.999)
+    g.add_argument("--adam_epsilon", type=POSITIVE, default=1e-8)
+    g.add_argument("--max_grad_norm", type=NON_NEGATIVE, default=1.0, help="gradient clipping; 0 = off")
+    g.add_argument("--lr_scheduler", default="constant", choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    g.add_argument("--lr_warmup_steps", type=NON_NEGATIVE_INT, default=0)
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's setting under `accelerate launch` (its flag or config; `no` = fp32), fp16 for a plain python run on CUDA; always fp32 on a CPU")
+    g.add_argument("--gradient_checkpointing", type=unit_fraction, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
+                   help="recompute activations in the backward pass: all blocks (no value), or this fraction of the prior's blocks, spread evenly "
+                        "(e.g. 0.5: a point between speed and memory; README: Speed and memory)")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
+    g.add_argument("--max_nonfinite_steps", type=POSITIVE_INT, default=5, help="stop after this many NaN/inf losses in a row (each is skipped)")
+    g.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="adamw8bit needs bitsandbytes, prodigy needs prodigyopt (use --learning_rate 1 with it)")
+    g.add_argument("--use_8bit_adam", action="store_true", help="same as --optimizer adamw8bit (the diffusers examples' flag)")
+    g.add_argument("--loss_weighting", default="none", choices=["none", "p2", "min_snr"], help="p2: the original authors' 1/(1+SNR); min_snr: min(SNR, gamma)/SNR (Hang et al. 2023)")
+    g.add_argument("--snr_gamma", type=POSITIVE, default=5.0, help="gamma of --loss_weighting min_snr")
+    g.add_argument("--noise_offset", type=NON_NEGATIVE, default=0.0, help="add offset * N(0,1) per sample and channel to the noise; 0 = off")
+    g.add_argument("--use_ema", action="store_true", help="keep an exponential moving average of the LoRA weights, saved as pytorch_lora_weights_ema.safetensors")
+    g.add_argument("--ema_decay", type=number(float, 0, 1, low_open=True, high_open=True), default=0.999)
+    g.add_argument("--torch_compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help="compile the prior's blocks one region at a time (torch.compile); MODE: default, reduce-overhead (CUDA graphs: fixed shapes) "
+                        "or max-autotune; if compiling fails, a warning and eager mode")
+    g.add_argument("--torch_compile_backend", default="inductor", help="torch.compile backend for --torch_compile (torch._dynamo.list_backends())")
+    g.add_argument("--prior_dropout", type=PROBABILITY, default=None, help="dropout rate inside the prior while training (default: the model's config, 0.1)")
+
+    g = p.add_argument_group("checkpoints and output")
+    g.add_argument("--output_dir", default="wuerstchen-prior-lora")
+    g.add_argument("--checkpointing_steps", type=NON_NEGATIVE_INT, default=500, help="save a resumable checkpoint every N steps; 0 = never")
+    g.add_argument("--checkpoints_total_limit", type=POSITIVE_INT, default=None, help="keep only the newest N checkpoints")
+    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N folder, or 'latest' in --output_dir")
+    g.add_argument("--discard_newer_checkpoints", action="store_true", help="with --resume_from_checkpoint an older checkpoint: delete the newer checkpoint-N folders in --output_dir (without it such a resume is refused)")
+    g.add_argument("--push_to_hub", action="store_true", help="upload the LoRA, model card and validation images when training ends (log in with `huggingface-cli login` first)")
+    g.add_argument("--hub_model_id", default=None, help="hub repo for --push_to_hub (default: the --output_dir folder's name)")
+
+    g = p.add_argument_group("validation and logging")
+    g.add_argument("--validation_prompts", nargs="+", default=None, help="prompts rendered with the LoRA attached")
+    g.add_argument("--validation_steps", type=POSITIVE_INT, default=100, help="render the validation prompts every N steps (and at the end)")
+    g.add_argument("--validation_split", type=PROBABILITY, default=0.0, help="hold out this fraction of the dataset for a validation loss (fixed noise and timesteps)")
+    g.add_argument("--validation_dataset", default=None, help="a separate held-out dataset (same formats as --dataset) for the validation loss")
+    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
+    g.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
+    g.add_argument("--logging_steps", type=POSITIVE_INT, default=10, help="read losses back from the GPU every N steps (every step is still logged); the only wait for the GPU between checkpoints")
+
+    args = p.parse_args(attach_negative_numbers(p, argv))
+    check_args(args)
+    return args
+
+
+def attach_negative_numbers(parser, argv):
+    """`--learning_rate -1e-4` as `--learning_rate=-1e-4`, for every int and float flag.
+
+    argparse reads a value that starts with '-' as an option unless it looks like -1 or -0.5, so
+    -1e-4, -1. or -inf would fail with "expected one argument". Attached, the value reaches
+    check_args, which says what is wrong with it."""
+    numeric = {s for a in parser._actions if (a.type in (int, float) or getattr(a.type, "numeric", False)) for s in a.option_strings}
+    argv, out, i = list(sys.argv[1:] if argv is None else argv), [], 0
+    while i < len(argv):
+        if argv[i] == "--":
+            out += argv[i:]
+            break
+        if argv[i] in numeric and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            try:
+                float(argv[i + 1])
+            except ValueError:
+                pass
+            else:
+                out.append(f"{argv[i]}={argv[i + 1]}")
+                i += 2
+                continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def warn(message):
+    """A one-line `warning: ...` on stderr, from the main process only (before accelerate exists)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def inside(path, folder):
+    """Whether `path` is `folder` or lies under it (symlinks resolved; `path` need not exist yet)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def read_prior_config(path, revision=None, download=False):
+    """The prior's config.json as a dict before any model loads: from a local folder, the hub cache,
+    or (download=True) the hub; None when it cannot be had."""
+    import json
+
+    if os.path.isdir(path):
+        file = os.path.join(path, "prior", "config.json")
+    else:
+        try:
+            from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+            if download:
+                file = hf_hub_download(path, "config.json", subfolder="prior", revision=revision)
+            else:
+                file = try_to_load_from_cache(path, "prior/config.json", revision=revision)
+        except Exception:  # offline, no such repo, a malformed id: the models' loading reports it
+            return None
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (OSError, TypeError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def check_lora_rank(args, config):
+    """--rank against the width (the smaller side) of each adapted Linear layer, read from the
+    prior's config. A rank above a layer's width cannot raise the rank of its update, only add
+    parameters: an error when that holds for every adapted layer (nothing is low-rank any more: a
+    typo, or a setting for another model), a warning when only some layers are narrower (the
+    all-linear timestep mapper, c_r wide, at a rank that suits the attention layers)."""
+    if not config or not all(isinstance(config.get(k), int) for k in ("c", "c_cond", "c_r")):
+        return
+    c, c_cond, c_r = config["c"], config["c_cond"], config["c_r"]
+    widths = {"to_q": c, "to_k": c, "to_v": c, "to_out.0": c, "channelwise.0": c, "channelwise.4": c,
+              "kv_mapper.1": min(c_cond, c), "mapper": min(c_r, 2 * c), "cond_mapper.0": min(c_cond, c), "cond_mapper.2": c}
+    adapted = {t: w for t in args.lora_target_modules for name, w in widths.items() if t == name or t.endswith("." + name)}
+    narrow = sorted(t for t, w in adapted.items() if args.rank > w)
+    if not narrow:
+        return
+    widest = max(adapted.values())
+    if len(narrow) == len(adapted):
+        raise UserError(f"--rank {args.rank} is larger than every adapted layer is wide (at most {widest} features, prior config c={c}): "
+                        f"the update cannot exceed rank {widest}, the extra rank only adds parameters; use --rank {widest} or less")
+    warn(f"--rank {args.rank} is larger than {', '.join(f'{t} ({adapted[t]} wide)' for t in narrow)}: "
+         "those layers' updates stay at their width, the extra rank there only adds parameters")
+
+
+def check_args(args):
+    """Cross-flag checks, before anything heavy is loaded."""
+    # Ranges, positivity and finiteness of single flags are checked by their argparse types (number()).
+    if args.keep_tokens and not args.shuffle_tags:
+        raise UserError("--keep_tokens N only means something with --shuffle_tags")
+    if args.resolution % 32:
+        raise UserError(f"--resolution {args.resolution} is not a multiple of 32 (EfficientNet stride); use {max(32, round(args.resolution / 32) * 32)}")
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.rank)
+    if args.torch_compile:
+        check_compile_backend(args.torch_compile_backend, args.torch_compile)
+    if args.lora_target_modules is None:
+        args.lora_target_modules = list(LORA_TARGET_PRESETS[args.lora_targets])
+    elif isinstance(args.lora_target_modules, str):
+        args.lora_target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+        if not args.lora_target_modules:
+            raise UserError("--lora_target_modules is empty; leave it out to use --lora_targets (default: attention projections)")
+    if os.path.isfile(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir} is a file; give a folder")
+    for data_flag in ("dataset", "validation_dataset"):
+        folder = getattr(args, data_flag)
+        for out_flag in ("output_dir", "embeddings_cache_dir"):
+            out = getattr(args, out_flag)
+            if folder and out and os.path.isdir(folder) and inside(out, folder):
+                raise UserError(f"--{out_flag} {out} is inside --{data_flag} {folder}: what a run writes there (validation images, "
+                                "checkpoints, the cache) would be read as data by the next run; put it outside the dataset folder")
+    if args.resume_from_checkpoint == "latest" and not list_checkpoints(args.output_dir):
+        raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N in {args.output_dir}; start without the flag")
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder; give a checkpoint-N folder or 'latest'")
+    if args.use_8bit_adam:
+        if args.optimizer not in ("adamw", "adamw8bit"):
+            raise UserError(f"--use_8bit_adam conflicts with --optimizer {args.optimizer}; keep one")
+        args.optimizer = "adamw8bit"
+    optional = {"adamw8bit": ("bitsandbytes", "bitsandbytes"), "prodigy": ("prodigyopt", "prodigyopt")}
+    if args.optimizer in optional:
+        module, package = optional[args.optimizer]
+        try:
+            __import__(module)
+        except ImportError as e:
+            raise UserError(f"--optimizer {args.optimizer} needs {package}: pip install {package} (or use --optimizer adamw)") from e
+    if args.validation_split and args.validation_dataset:
+        raise UserError("--validation_split excludes --validation_dataset: give one")
+    if args.push_to_hub and not args.hub_model_id:
+        args.hub_model_id = os.path.basename(os.path.abspath(args.output_dir))
+    if args.lr_warmup_steps and args.lr_scheduler == "constant":
+        warn(f"--lr_warmup_steps {args.lr_warmup_steps} does nothing with --lr_scheduler constant (the default); use --lr_scheduler constant_with_warmup")
+    elif args.max_train_steps and args.lr_warmup_steps >= args.max_train_steps:
+        warn(f"--lr_warmup_steps {args.lr_warmup_steps} is not shorter than the run ({args.max_train_steps} steps): "
+             f"the learning rate never reaches --learning_rate {args.learning_rate:g}")
+    check_lora_rank(args, read_prior_config(args.pretrained_prior_model_name_or_path, args.revision))
+    if not args.dataset:
+        raise UserError("--dataset is required: a hub dataset name, a local folder, or a .jsonl/.csv/.parquet file")
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up
+
+
+def resolve_mixed_precision(requested):
+    """Returns (mode, notice). The flag wins; then accelerate's own setting, which `accelerate
+    launch` exports from its flag or config file (an explicit `no` included); fp16 on CUDA only
+    for a plain `python` run, which has no accelerate setting."""
+    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    mode = requested or (launcher if launcher in ("no", "fp16", "bf16") else None) or ("no" if on_cpu else "fp16")
+    if on_cpu and mode != "no":
+        return "no", f"note: no GPU in use, so training runs in fp32 (--mixed_precision {mode} needs CUDA)"
+    if not on_cpu and mode == "no" and not requested:
+        return mode, "note: accelerate's mixed precision is `no`: training runs in fp32; pass --mixed_precision bf16 for speed"
+    return mode, None
+
+
+def make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    mixed_precision, notice = resolve_mixed_precision(args.mixed_precision)
+    # Several processes and no GPU (a CPU test, or `accelerate launch --multi_gpu` on a CPU box):
+    # accelerate only sets up gloo when told to use the CPU.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        cpu=distributed and not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        # The seedable sampler shuffles each epoch from (seed, epoch): a resumed run sees the same order.
+        # non_blocking: batches come from pinned memory (make_dataloader), so the copy to the GPU
+        # does not make the host wait for the step before.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
+        # accelerate's own torch.compile wraps the whole prior (a `_orig_mod.` prefix in every saved
+        # key, one huge graph); --torch_compile compiles block by block instead (compile_blocks).
+        dynamo_backend="no",
+    )
+    if notice:
+        accelerator.print(notice)
+    launcher_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if launcher_backend not in ("no", "") and not args.torch_compile:
+        # An accelerate config that asks for torch.compile gets it the way that works here.
+        args.torch_compile, args.torch_compile_backend = os.environ.get("ACCELERATE_DYNAMO_MODE") or "default", launcher_backend
+        check_compile_backend(args.torch_compile_backend, args.torch_compile)
+        accelerator.print(f"note: the accelerate config's dynamo_backend {launcher_backend} is applied block by block, as --torch_compile {args.torch_compile}")
+    args.mixed_precision = mixed_precision
+    return accelerator
+
+
+def weight_dtype_for(accelerator):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def load_frozen_models(args, device, dtype):
+    """Prior, text encoder, tokenizer, scheduler and EfficientNet, all frozen, on `device` in `dtype`."""
+    from wuerstchen_lora.models import (
+        load_image_encoder,
+        load_prior_components,
+        use_sdpa_attention,
+    )
+
+    prior, text_encoder, tokenizer, scheduler = load_prior_components(args.pretrained_prior_model_name_or_path, args.revision)
+    image_encoder = load_image_encoder(args.image_encoder)
+    for model in (prior, text_encoder, image_encoder):
+        model.requires_grad_(False).to(device, dtype=dtype)
+    text_encoder.eval()
+    image_encoder.eval()
+    use_sdpa_attention(prior)
+    return prior, text_encoder, tokenizer, scheduler, image_encoder
+
+
+def add_lora(prior, args):
+    """Attach a LoRA adapter to the prior; returns (config, trainable params, their names).
+
+    The trainable LoRA weights are kept in fp32 even when the frozen prior is fp16/bf16: the fp16
+    grad scaler refuses to unscale fp16 gradients, and small updates vanish in half precision.
+    """
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        init_lora_weights="gaussian",
+        target_modules=args.lora_target_modules,
+        use_dora=args.use_dora,
+        use_rslora=args.use_rslora,
+    )
+    try:
+        prior.add_adapter(config)
+    except ValueError as e:
+        raise UserError(f"--lora_target_modules {','.join(args.lora_target_modules)}: {str(e).splitlines()[0]}") from e
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params(prior, dtype=torch.float32)
+    named = [(n, p) for n, p in prior.named_parameters() if p.requires_grad]
+    # Activations stay in the prior's dtype into the LoRA matmuls: autocast casts the small fp32
+    # LoRA weights instead of peft casting every activation to fp32 and back (a copy each way,
+    # forward and backward, around every adapted projection). Every forward of the prior runs under
+    # autocast when the weights are half precision (training, held-out loss, validation images).
+    for module in prior.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+    if args.prior_dropout is not None:
+        set_prior_dropout(prior, args.prior_dropout)
+    if args.gradient_checkpointing:
+        checkpoint_blocks(prior, args.gradient_checkpointing)
+    prior.train()  # dropout (0.1 in the shipped config) is active while training, as in both references
+    return config, [p for _, p in named], [n for n, _ in named]
+
+
+def set_prior_dropout(prior, rate):
+    """The dropout rate of every Dropout in the prior (ResBlocks and attention outputs)."""
+    for module in prior.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
+
+
+def checkpoint_blocks(prior, fraction):
+    """Recompute the activations of `fraction` of the prior's blocks in the backward pass.
+
+    fraction 1 is diffusers' own gradient checkpointing (every block). A smaller fraction wraps
+    that share of the blocks, spread evenly over the depth, in torch.utils.checkpoint: memory
+    falls roughly in proportion and so does the recomputation. diffusers has no per-block switch,
+    hence the wrapper; it replaces the instances' forward, so module names (and the LoRA keys) stay.
+    """
+    if fraction >= 1:
+        prior.enable_gradient_checkpointing()
+        return
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(prior.blocks)
+    chosen = sorted({int(i / fraction) for i in range(math.ceil(len(blocks) * fraction)) if int(i / fraction) < len(blocks)})
+    for i in chosen:
+        forward = blocks[i].forward
+        blocks[i].forward = functools.wraps(forward)(
+            lambda *a, _f=forward: checkpoint(_f, *a, use_reentrant=False) if torch.is_grad_enabled() else _f(*a))
+
+
+def norms_in_activation_dtype(prior, dtype):
+    """Run the prior's LayerNorms and GlobalResponseNorms in `dtype` (bf16 when training in bf16)
+    instead of autocast's choice.
+
+    CUDA autocast computes layer_norm and norm in fp32 and returns fp32: every ResBlock then
+    carries its 4x-wide GlobalResponseNorm output in fp32 and casts it back to bf16 for the next
+    Linear, forward and backward. The kernels accumulate in fp32 internally either way, and the
+    next Linear rounds to bf16, so results agree to bf16 precision (tested). Not for fp16, whose
+    range a norm of 4x-wide activations can exceed.
+    """
+    from wuerstchen_lora.models import GlobalResponseNorm, WuerstchenLayerNorm
+
+    for module in prior.modules():
+        if isinstance(module, (WuerstchenLayerNorm, GlobalResponseNorm)):
+            module.forward = _outside_autocast(type(module).forward.__get__(module), dtype)
+
+
+def _outside_autocast(forward, dtype):
+    def run(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(x.to(dtype))
+    return run
+
+
+def check_compile_backend(backend, mode):
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise UserError(f"--torch_compile_backend {backend}: unknown; choose one of {', '.join(torch._dynamo.list_backends())}")
+    if mode != "default" and backend != "inductor":
+        raise UserError(f"--torch_compile {mode} is an inductor mode; use it with --torch_compile_backend inductor")
+
+
+def compile_blocks(prior, mode, backend):
+    """Compile the prior's blocks one region at a time, in place (names, and so LoRA keys, stay).
+
+    The 96 blocks are three classes (ResBlock, TimestepBlock, AttnBlock) repeated 32 times: one
+    compiled graph per class and input shape serves every repetition, which compiles much faster
+    than one whole-model graph and avoids whole-graph failures (inductor's CantSplit on torch 2.11).
+    """
+    options = {"mode": None if mode == "default" else mode} if backend == "inductor" else {}
+    for block in prior.blocks:
+        block.compile(backend=backend, dynamic=False, **options)
+
+
+def uncompile_blocks(prior):
+    """Back to eager: nn.Module.compile only sets this attribute."""
+    for block in prior.blocks:
+        block._compiled_call_impl = None
+
+
+def make_optimizer(args, params, device):
+    """AdamW (PyTorch's fused kernel on CUDA), 8-bit AdamW, Prodigy or Adafactor over the LoRA params."""
+    adam = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **adam)
+    if args.optimizer == "prodigy":
+        import prodigyopt
+
+        return prodigyopt.Prodigy(params, lr=args.learning_rate, betas=adam["betas"], weight_decay=args.adam_weight_decay)
+    if args.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # A fixed learning rate (the schedule comes from --lr_scheduler), no parameter-scale rescaling.
+        return Adafactor(params, lr=args.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False, weight_decay=args.adam_weight_decay)
+    # The fused kernel takes `found_inf`, so a non-finite window is skipped on the device
+    # (apply_update); on the CPU it needs torch >= 2.4.
+    try:
+        return torch.optim.AdamW(params, fused=True, **adam)
+    except RuntimeError:
+        return torch.optim.AdamW(params, **adam)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def load_data(args, accelerator):
+    """The dataset, selected and checked before any model is loaded: columns, captions, and every
+    image decoded once (each process checks its share). Unreadable images are dropped and counted;
+    too many of them, or none left, stop the run here."""
+    from accelerate.utils import gather_object
+    from transformers import CLIPTokenizer
+
+    from wuerstchen_lora.data import (
+        caption_stats,
+        check_captions,
+        inspect_images,
+        load_training_dataset,
+    )
+    from wuerstchen_lora.models import model_load_errors
+
+    loaded = {}  # what loading converted or left out
+    with accelerator.main_process_first():
+        dataset, image_column, caption_column = load_training_dataset(args.dataset, args.image_column, args.caption_column, cache_dir=args.cache_dir, stats=loaded)
+    if args.max_train_samples is not None:
+        dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
+    if loaded.get("unlisted_images") and accelerator.is_main_process:
+        warn(f"{loaded['unlisted_images']} images in {args.dataset} are not listed in its metadata file and are left out")
+    if loaded.get("numeric_captions"):
+        accelerator.print(f"note: the captions in column {caption_column!r} are numbers ({loaded['numeric_caption_dtype']}); "
+                          f"{loaded['numeric_captions']} were converted to text, e.g. {loaded['numeric_caption_example']!r}")
+    missing_captions = check_captions(dataset, caption_column, args.dataset, args.allow_missing_captions)
+    if missing_captions and accelerator.is_main_process:
+        print(missing_captions, file=sys.stderr)
+    with accelerator.main_process_first():
+        with model_load_errors(args.pretrained_prior_model_name_or_path, "tokenizer"):
+            tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_prior_model_name_or_path, subfolder="tokenizer", revision=args.revision)
+        if not os.path.isdir(args.pretrained_prior_model_name_or_path) and read_prior_config(args.pretrained_prior_model_name_or_path, args.revision) is None:
+            # Not in the hub cache when the arguments were checked: fetch the small config now (the prior needs it anyway).
+            check_lora_rank(args, read_prior_config(args.pretrained_prior_model_name_or_path, args.revision, download=True))
+    args.image_column, args.caption_column = image_column, caption_column
+    share = range(accelerator.process_index, len(dataset), accelerator.num_processes)
+    sizes, bad = inspect_images(dataset, image_column, share)
+    sizes, bad = dict(gather_object(list(sizes.items()))), sorted(gather_object(bad))
+    for index, name, reason in bad[:5]:
+        accelerator.print(f"warning: skipping {name}: {reason}")
+    if len(bad) > 5:
+        accelerator.print(f"warning: ... and {len(bad) - 5} more unreadable images")
+    if len(bad) == len(dataset):
+        raise UserError(f"--dataset {args.dataset}: none of the {len(dataset)} images could be read (e.g. {bad[0][1]}: {bad[0][2]})")
+    if len(bad) > args.max_bad_images * len(dataset):
+        raise UserError(f"--dataset {args.dataset}: {len(bad)} of {len(dataset)} images are unreadable, more than --max_bad_images {args.max_bad_images:g}; fix or remove them (first: {bad[0][1]}: {bad[0][2]})")
+    keep = sorted(sizes)  # row numbers of the usable images
+    held_out = None
+    if args.validation_split:
+        n = max(1, round(len(keep) * args.validation_split))
+        if n >= len(keep):
+            raise UserError(f"--validation_split {args.validation_split:g} leaves no training images out of {len(keep)}")
+        order = keep[:]
+        random.Random(args.seed).shuffle(order)
+        held_out, keep = dataset.select(sorted(order[:n])), sorted(order[n:])
+    elif args.validation_dataset:
+        held_out = load_held_out_dataset(args, accelerator, image_column, caption_column)
+    report = {"bad_images": len(bad), "bad_examples": [f"{n}: {r}" for _, n, r in bad[:20]],
+              "held_out_images": len(held_out) if held_out is not None else 0}
+    row_buckets = None
+    if args.aspect_ratio_buckets:
+        keep, row_buckets, report["buckets"], report["too_small_for_bucket"] = bucket_rows(args, keep, sizes)
+    dataset = dataset.select(keep) if len(keep) != len(dataset) else dataset
+    report["images"] = len(dataset)
+    report.update(caption_stats(dataset, caption_column, tokenizer))
+    # Counted over the whole dataset, before --max_train_samples and the image checks.
+    report["numeric_captions"], report["unlisted_images"] = loaded.get("numeric_captions", 0), loaded.get("unlisted_images", 0)
+    report["non_utf8_caption_files"] = loaded.get("non_utf8_caption_files", 0)  # the training set's, not the held-out set's
+    return dataset, held_out, row_buckets, report
+
+
+def load_held_out_dataset(args, accelerator, image_column, caption_column):
+    from wuerstchen_lora.data import inspect_images, load_training_dataset
+
+    with accelerator.main_process_first():
+        held_out, held_image, held_caption = load_training_dataset(args.validation_dataset, cache_dir=args.cache_dir)
+    sizes, _ = inspect_images(held_out, held_image, range(len(held_out)))
+    if not sizes:
+        raise UserError(f"--validation_dataset {args.validation_dataset}: no readable images")
+    held_out = held_out.select(sorted(sizes))
+    return held_out.rename_columns({c: n for c, n in ((held_image, image_column), (held_caption, caption_column)) if c != n})
+
+
+def bucket_rows(args, rows, sizes):
+    """Each image's aspect-ratio bucket; images that would need more than --bucket_max_upscale
+    enlargement to cover their bucket are left out (and counted)."""
+    from wuerstchen_lora.data import assign_bucket, make_buckets, upscale_needed
+
+    buckets = make_buckets(args.resolution)
+    assigned = {i: assign_bucket(sizes[i], buckets) for i in rows}
+    kept = [i for i in rows if upscale_needed(sizes[i], assigned[i]) <= args.bucket_max_upscale]
+    if not kept:
+        raise UserError(f"every image is smaller than its bucket by more than --bucket_max_upscale {args.bucket_max_upscale:g}; lower --resolution or raise the limit")
+    counts = {}
+    for i in kept:
+        counts[f"{assigned[i][0]}x{assigned[i][1]}"] = counts.get(f"{assigned[i][0]}x{assigned[i][1]}", 0) + 1
+    return kept, [assigned[i] for i in kept], counts, len(rows) - len(kept)
+
+
+def common_bucket(row_buckets):
+    """The most frequent (width, height) bucket, for validation images (None without buckets)."""
+    if not row_buckets:
+        return None
+    return max(sorted(set(row_buckets)), key=row_buckets.count)
+
+
+def caption_options(args):
+    from wuerstchen_lora.data import CaptionOptions
+
+    return CaptionOptions(prefix=args.caption_prefix, dropout=args.caption_dropout, shuffle_tags=args.shuffle_tags, keep_tokens=args.keep_tokens)
+
+
+def cached_examples(args, accelerator, dataset, encode_image, encode_text, dtype, row_buckets=None):
+    """Build (or reuse) the embedding cache and return the dataset that reads from it."""
+    from wuerstchen_lora.cache import CachedExamples, build_cache, cache_key
+    from wuerstchen_lora.models import resolve_image_encoder_path
+
+    root = args.embeddings_cache_dir or os.path.join(args.output_dir, "embeddings_cache")
+    folder = os.path.join(root, cache_key(args, dataset, dtype, resolve_image_encoder_path(args.image_encoder)))
+    build_cache(
+        folder, dataset, args.image_column, args.caption_column, args, encode_image, encode_text,
+        accelerator=accelerator, captions=caption_options(args), row_buckets=row_buckets,
+    )
+    raw = dataset[args.caption_column] if args.shuffle_tags else None
+    return CachedExamples(folder, args.resolution, args.random_flip, args.seed, caption_options(args), raw, args.repeats, args.noise_offset)
+
+
+def uncached_examples(args, dataset, latent_channels, row_buckets=None):
+    from wuerstchen_lora.data import CaptionedImages, ImageTransform
+
+    transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
+    return CaptionedImages(dataset, args.image_column, args.caption_column, transform, args.seed, caption_options(args), args.repeats, row_buckets,
+                           latent_channels=latent_channels, noise_offset=args.noise_offset)
+
+
+def make_dataloader(args, examples, row_buckets=None, pin_memory=False):
+    """Shuffled batches; with aspect-ratio buckets, each batch from one bucket (returns the sampler too).
+
+    pin_memory (on a GPU): batches land in page-locked memory, so that their copy to the device
+    can be queued without waiting (accelerate moves them with non_blocking=True)."""
+    from wuerstchen_lora.data import BucketBatchSampler
+
+    loader = dict(num_workers=args.dataloader_num_workers, pin_memory=pin_memory)
+    if row_buckets is None:
+        return torch.utils.data.DataLoader(examples, batch_size=args.train_batch_size, shuffle=True, **loader), None
+    sampler = BucketBatchSampler(row_buckets, args.train_batch_size, args.seed, args.repeats)
+    return torch.utils.data.DataLoader(examples, batch_sampler=sampler, **loader), sampler
+
+
+def encoder_functions(run):
+    """EfficientNet and CLIP as functions of pixels and of captions, on the run's device and dtype.
+
+    They look the encoders up in `run` when called, so dropping one from `run` frees it.
+    """
+    device = run.accelerator.device
+    return (
+        lambda pixels: encode_images(run.image_encoder, pixels.to(device, dtype=run.dtype)),
+        lambda captions: encode_text(run.text_encoder, run.tokenizer, captions, device),
+    )
+
+
+def embed_batch(batch, encode_image, encode_text, device):
+    """(image embeddings, text embeddings) of a batch: from the cache, or encoded now."""
+    if "image_embeddings" in batch:
+        image_embeddings = batch["image_embeddings"].to(device)
+    else:
+        image_embeddings = encode_image(batch["pixel_values"])
+    if "text_embeddings" in batch:
+        return image_embeddings, batch["text_embeddings"].to(device)
+    return image_embeddings, encode_text(batch["caption"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+class NonFiniteLoss(Exception):
+    """Too many NaN/inf losses in a row: the run stops, leaving the last good files as they were."""
+
+
+class Interrupted(Exception):
+    def __init__(self, signum, checkpoint):
+        super().__init__(signum, checkpoint)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+@contextlib.contextmanager
+def stop_on_signals(run):
+    """While training, SIGTERM/SIGINT ask for a checkpoint at the next optimiser step (a second
+    signal stops at once). accelerate's trigger is all-reduced at every step, so all processes
+    stop at the same step. Installed just before args.json is written; before that (loading,
+    caching) there is nothing to save, and the defaults apply."""
+    import signal
+
+    def handler(signum, frame):
+        run.stop_signals.append(signum)
+        run.accelerator.set_trigger()
+        signal.signal(signum, signal.SIG_DFL)
+
+    run.stop_signals = []
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def setup(args):
+    """Everything the loop needs, in the order that matters: data is checked before models load,
+    embeddings are cached before the encoders leave the device, LoRA exists before the optimiser."""
+    run = argparse.Namespace(args=args)
+    run.accelerator = accelerator = make_accelerator(args)
+    from wuerstchen_lora.guard import check_training_data, guard_run
+
+    run.resume_plan = guard_run(args, accelerator)  # the output-folder lock; the checkpoint checked before anything loads
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING if accelerator.is_main_process else logging.ERROR)
+    quiet_library_logs()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    dataset, held_out, row_buckets, run.data_report = load_data(args, accelerator)
+    check_training_data(run.resume_plan, args, dataset)  # the data's fingerprint: recorded, and compared on resume
+
+    run.dtype = dtype = weight_dtype_for(accelerator)
+    prior, run.text_encoder, run.tokenizer, run.scheduler, run.image_encoder = load_frozen_models(args, accelerator.device, dtype)
+    run.encode_image, run.encode_text = encoder_functions(run)
+    # The held-out set is encoded now, while the encoders are on the device; the validation decoder is
+    # loaded now too, so that a bad path stops the run before caching. Both None under FSDP (validation.py).
+    run.held_out_loss = make_held_out_loss(held_out, args, accelerator, run.encode_image, run.encode_text)
+    run.validate = make_validator(args, accelerator, run.text_encoder, run.tokenizer, run.scheduler, dtype, common_bucket(row_buckets))
+    if args.cache_embeddings:
+        examples = cached_examples(args, accelerator, dataset, run.encode_image, run.encode_text, dtype, row_buckets)
+        # The encoders are done: EfficientNet goes; CLIP waits on the CPU for validation prompts,
+        # unless shuffled tags need it every step.
+        run.image_encoder = None
+        if not args.shuffle_tags:
+            run.text_encoder.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    else:
+        examples = uncached_examples(args, dataset, prior.config.c_in, row_buckets)
+    scheduler_to(run.scheduler, accelerator.device)
+
+    torch.manual_seed(args.seed)  # the LoRA initialisation: same seed, same run
+    run.lora_config, run.params, run.param_names = add_lora(prior, args)
+    trainable, total = sum(p.numel() for p in run.params), sum(p.numel() for p in prior.parameters())
+    accelerator.print(f"LoRA: {trainable:,} trainable of {total:,} prior parameters ({100 * trainable / total:.2f}%)")
+    optimizer = make_optimizer(args, run.params, accelerator.device)
+    if dtype == torch.bfloat16:
+        norms_in_activation_dtype(prior, dtype)
+    run.compiled = False
+    if args.torch_compile:
+        compile_blocks(prior, args.torch_compile, args.torch_compile_backend)
+        run.compiled, run.compiled_shapes = True, set()
+    run.examples = examples
+    dataloader, run.bucket_sampler = make_dataloader(args, examples, row_buckets, pin_memory=accelerator.device.type == "cuda")
+    run.prior, run.optimizer, run.dataloader = accelerator.prepare(prior, optimizer, dataloader)
+    run.steps_per_epoch = math.ceil(len(run.dataloader) / args.gradient_accumulation_steps)
+    run.max_steps = args.max_train_steps or args.num_train_epochs * run.steps_per_epoch
+
+    from diffusers.optimization import get_scheduler
+
+    # accelerate steps a prepared scheduler once per process per optimiser step, hence the factor.
+    run.lr_scheduler = accelerator.prepare(get_scheduler(args.lr_scheduler, run.optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes, num_training_steps=run.max_steps * accelerator.num_processes))
+    run.unwrapped = accelerator.unwrap_model(run.prior)
+    run.ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        # diffusers' EMA: the decay ramps up as (1 + n) / (10 + n) to --ema_decay; its state is checkpointed.
+        run.ema = EMAModel(run.params, decay=args.ema_decay)
+        run.ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(run.ema)
+    run.info = training_info(args, accelerator, run.lora_config, 0, trainable, total)
+    run.info["loss_history"] = []  # [step, training loss] of every step of this run (None: skipped)
+    run.info["data"] = run.data_report
+    register_lora_checkpoint_hooks(accelerator, run.unwrapped, run.lora_config, run.info)
+    return run
+
+
+def training_step(run, batch, epoch, batch_index):
+    """One micro-batch: forward and backward; at the end of an accumulation window, the update.
+
+    Returns None inside a window; at its end, (the window's mean loss over every process, whether
+    all of it was finite), both still on the device: nothing here waits for the GPU, so the host
+    queues the next step while this one runs. A non-finite loss still goes through backward (its
+    NaN reaches every process's gradients through DDP), and the whole window's update is skipped
+    everywhere alike (apply_update).
+    """
+    args, accelerator = run.args, run.accelerator
+    torch.manual_seed(step_seed(args.seed, epoch, batch_index, accelerator.process_index))
+    with accelerator.accumulate(run.prior):
+        image_embeddings, text_embeddings = embed_batch(batch, run.encode_image, run.encode_text, accelerator.device)
+        loss = compute_loss(run.prior, run.scheduler, image_embeddings, text_embeddings, batch["noise"], batch["timestep"], args.loss_weighting, args.snr_gamma)
+        accelerator.backward(loss)
+        run.window_losses.append(loss.detach())
+        if not accelerator.sync_gradients:
+            return None
+        losses = accelerator.gather(torch.stack(run.window_losses)).float()
+        run.window_losses = []
+        finite = torch.isfinite(losses).all()
+        apply_update(run, finite)
+        run.lr_scheduler.step()  # in step with global_step even when the update is skipped
+        run.optimizer.zero_grad(set_to_none=True)
+    return losses.mean(), finite
+
+
+def apply_update(run, finite):
+    """Clip and step; the update is skipped where `finite` (a device tensor) is false.
+
+    Fused AdamW (the default) takes the `found_inf` flag that GradScaler uses and leaves weights and
+    state untouched where it is 1: the skip happens on the device. Under fp16, GradScaler sets that
+    flag itself from the gradients (a non-finite loss makes them non-finite). Other optimisers have
+    no such input, so for them the flag is read on the host: one wait per update.
+    """
+    if run.args.max_grad_norm > 0:
+        run.accelerator.clip_grad_norm_(run.params, run.args.max_grad_norm)
+    inner = run.optimizer.optimizer
+    if run.accelerator.scaler is None and getattr(inner, "defaults", {}).get("fused"):
+        inner.found_inf = (~finite).float()
+        try:
+            run.optimizer.step()
+        finally:
+            del inner.found_inf
+    elif run.accelerator.scaler is not None or bool(finite):
+        run.optimizer.step()
+    else:
+        return
+    if run.ema is not None:  # after a skipped update it averages in the unchanged weights
+        run.ema.step(run.params)
+
+
+def guarded_step(run, batch, epoch, batch_index):
+    """training_step, with a way back to eager mode under --torch_compile.
+
+    The first step at each input shape compiles. If that fails, the run prints one warning,
+    restores the gradients it had, and redoes the micro-batch eagerly: an optimisation flag
+    never ends a run.
+    """
+    shape = tuple(batch["image_embeddings" if "image_embeddings" in batch else "pixel_values"].shape)
+    if not run.compiled or shape in run.compiled_shapes:
+        return training_step(run, batch, epoch, batch_index)
+    grads = [None if p.grad is None else p.grad.clone() for p in run.params]
+    losses, micro_step = list(run.window_losses), run.accelerator.step
+    try:
+        result = training_step(run, batch, epoch, batch_index)
+    except (RuntimeError, AssertionError, TypeError, ValueError, NotImplementedError, AttributeError, OSError) as e:
+        uncompile_blocks(run.unwrapped)
+        run.compiled = False
+        for p, g in zip(run.params, grads):
+            p.grad = g
+        run.window_losses, run.accelerator.step = losses, micro_step
+        root = e
+        while getattr(root, "inner_exception", None) or root.__cause__:  # dynamo wraps the backend's own error
+            root = getattr(root, "inner_exception", None) or root.__cause__
+        cause = (str(root).strip().splitlines() or [""])[0][:200]
+        run.progress.write(f"warning: --torch_compile failed ({type(root).__name__}: {cause}); training goes on in eager mode", file=sys.stderr)
+        return training_step(run, batch, epoch, batch_index)
+    run.compiled_shapes.add(shape)
+    return result
+
+
+def after_update(run, loss, finite, global_step):
+    """Bookkeeping after an optimiser step: losses are read back every --logging_steps (and before
+    checkpoints and validation), the only points between checkpoints where the host waits."""
+    args = run.args
+    run.pending.append((global_step, loss, finite, run.lr_scheduler.get_last_lr()[0]))
+    run.progress.update(1)  # redraws at most every 0.1 s
+    run.info["global_step"] = global_step
+    checkpoint = args.checkpointing_steps and global_step % args.checkpointing_steps == 0
+    validation = global_step % args.validation_steps == 0
+    if not (checkpoint or validation or global_step % args.logging_steps == 0 or global_step >= run.max_steps):
+        return
+    read_losses(run)
+    # Several processes agree on stopping through an all-reduce; one process just reads its flag.
+    stop = run.accelerator.check_trigger() if run.accelerator.num_processes > 1 else bool(run.stop_signals)
+    if stop or checkpoint:
+        path = save_checkpoint(run.accelerator, args, global_step)
+        if stop:
+            raise Interrupted(run.stop_signals[0] if run.stop_signals else 15, path)
+    if validation:
+        validate(run, global_step)
+
+
+def read_losses(run):
+    """Read the losses of the steps since the last read in one copy, log each at its own step, and
+    apply the non-finite guard (noticed here, at most --logging_steps late)."""
+    if not run.pending:
+        return
+    steps, losses, finites, lrs = zip(*run.pending)
+    run.pending = []
+    values, flags = torch.stack([torch.stack(losses), torch.stack(finites).float()]).tolist()
+    for step, loss, finite, lr in zip(steps, values, flags, lrs):
+        run.nonfinite_in_a_row = 0 if finite else run.nonfinite_in_a_row + 1
+        run.nonfinite_total += not finite
+        if run.nonfinite_in_a_row >= run.args.max_nonfinite_steps:
+            last = list_checkpoints(run.args.output_dir)
+            raise NonFiniteLoss(
+                f"stopped at step {step}: {run.nonfinite_in_a_row} non-finite losses in a row (NaN/inf). "
+                f"Last good checkpoint: {last[-1][1] if last else 'none'}. Try --mixed_precision bf16 or a lower --learning_rate"
+            )
+        logs = {"train/lr": lr, "train/skipped_steps": run.nonfinite_total}
+        if finite:
+            logs["train/loss"] = loss
+        run.accelerator.log(logs, step=step)
+        run.info["loss_history"].append([step, loss if finite else None])
+    run.progress.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{lrs[-1]:.2e}", refresh=False)
+    run.clock.append((steps[-1], time.perf_counter()))  # the device has just caught up: a true time
+
+
+def speed_report(run):
+    """Seconds per optimiser step, the median over the windows between loss reads after the first
+    (which holds compilation and warm-up), and the peak GPU memory: written to training_info.json."""
+    rates = sorted((t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(run.clock[1:], run.clock[2:]) if s1 > s0)
+    report = {"s_per_step": round(rates[len(rates) // 2], 5) if rates else None, "windows": len(rates)}
+    if torch.cuda.is_available() and run.accelerator.device.type == "cuda":
+        report["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return report
+
+
+def validate(run, global_step):
+    """Held-out loss and validation images, on the main process (the others go on to the next step)."""
+    if not run.accelerator.is_main_process:
+        return
+    if run.held_out_loss is not None:
+        loss = run.held_out_loss(run.unwrapped, run.scheduler, run.accelerator)
+        run.info.setdefault("validation_loss", {})[str(global_step)] = loss
+        run.accelerator.log({"val/loss": loss}, step=global_step)
+        run.progress.write(f"step {global_step}: validation loss {loss:.4f}")
+    if run.validate:
+        run.validate(run.unwrapped, global_step)
+
+
+def train(args):
+    run = setup(args)
+    accelerator = run.accelerator
+    global_step = resume_checkpoint(run, args) if run.resume_plan else 0
+    if args.report_to != "none":
+        accelerator.init_trackers("wuerstchen-prior-lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()})
+    from wuerstchen_lora.data import describe_effective_batch
+
+    # True also for a dataset smaller than one batch or one accumulation window (windows end with the epoch).
+    effective_batch = describe_effective_batch(len(run.dataloader.dataset), args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps,
+                                               len(run.dataloader), padded=accelerator.num_processes > 1 or run.bucket_sampler is not None)
+    accelerator.print(f"{len(run.dataloader.dataset)} samples, {run.max_steps} steps, {effective_batch}, {args.mixed_precision} on {accelerator.device}")
+    if not args.max_train_steps and args.lr_scheduler != "constant" and args.lr_warmup_steps >= run.max_steps and accelerator.is_main_process:
+        warn(f"--lr_warmup_steps {args.lr_warmup_steps} is not shorter than the run ({run.max_steps} steps): "
+             f"the learning rate never reaches --learning_rate {args.learning_rate:g}")
+
+    from tqdm.auto import tqdm
+
+    run.progress = tqdm(total=run.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    run.nonfinite_in_a_row = run.nonfinite_total = 0
+    run.window_losses, run.pending, run.clock = [], [], [(global_step, time.perf_counter())]
+    # Resume point: whole epochs done, then the batches of the current epoch already consumed.
+    first_epoch, skip = divmod(global_step, run.steps_per_epoch) if global_step < run.max_steps else (math.ceil(run.max_steps / run.steps_per_epoch), 0)
+    skip *= args.gradient_accumulation_steps
+    with run.progress, stop_on_signals(run):  # the bar closes on any exit: an error starts on its own line
+        # Written once signals are handled: from the moment args.json exists, a SIGTERM ends in a
+        # checkpoint (at the first update if none has run yet), never in the default exit.
+        if accelerator.is_main_process:
+            atomic_write_json(os.path.join(args.output_dir, "args.json"), vars(args))
+        for epoch in range(first_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
+            run.dataloader.set_epoch(epoch)  # the data order...
+            run.examples.set_epoch(epoch)  # ...and augmentation, captions and noise (accelerate skips this with several processes)
+            if run.bucket_sampler is not None:
+                run.bucket_sampler.set_epoch(epoch)  # a custom batch sampler under accelerate's shard: ours to set
+            batches = accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader
+            for batch_index, batch in enumerate(batches, start=skip):
+                update = guarded_step(run, batch, epoch, batch_index)
+                if update is not None:
+                    global_step += 1
+                    after_update(run, *update, global_step)
+                    if global_step >= run.max_steps:
+                        break
+            skip = 0
+        read_losses(run)  # steps since the last read, when the data ran out before a logging step
+
+    accelerator.wait_for_everyone()
+    run.info["global_step"] = global_step
+    run.info["data"]["skipped_nonfinite_steps"] = run.nonfinite_total
+    run.info["speed"] = speed_report(run)
+    if global_step % args.validation_steps:  # the final state, unless it was just validated
+        validate(run, global_step)
+    write_outputs(run, args, run.info)
+    print_summary(accelerator, run.info["data"])
+    accelerator.end_training()
+    if args.push_to_hub and accelerator.is_main_process:
+        push_to_hub(args)
+    return global_step
+
+
+def print_summary(accelerator, report):
+    lines = [f"skipped {report['bad_images']} unreadable images" + (f" (e.g. {report['bad_examples'][0]})" if report["bad_examples"] else "")]
+    for key, text in (("empty_captions", "empty captions (trained as unconditional)"), ("long_captions", "captions longer than 77 tokens (truncated)"),
+                      ("non_utf8_caption_files", "caption files not in UTF-8 (read as Latin-1)"), ("skipped_nonfinite_steps", "steps skipped for a non-finite loss")):
+        lines.append(f"{report.get(key, 0)} {text}")
+    for key, text in (("numeric_captions", "numeric captions (converted to text)"), ("unlisted_images", "images not listed in the metadata (left out)")):
+        if report.get(key):
+            lines.append(f"{report[key]} {text}")
+    accelerator.print("data summary: " + "; ".join(lines))
+
+
+def main(argv=None):
+    from wuerstchen_lora.guard import release_run_lock, write_failure_message
+
+    args = None
+    try:
+        args = parse_args(argv)
+        train(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(f"interrupted: saved {e.checkpoint}; continue with --resume_from_checkpoint latest", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("interrupted before a checkpoint could be written; nothing was saved", file=sys.stderr)
+        return 130
+    except Exception as e:  # a full disk, a read-only or forbidden folder: one line; anything else: the traceback
+        message = write_failure_message(e, args)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        release_run_lock()
+    return 0
+
