@@ -3,6 +3,7 @@ docstring of train_wuerstchen_prior_lora.py, the script that runs `main`."""
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -10,6 +11,7 @@ import random
 import re
 import sys
 import time
+from typing import Any, Callable
 
 import torch
 
@@ -763,14 +765,71 @@ def stop_on_signals(run):
             signal.signal(s, h)
 
 
+@dataclasses.dataclass(eq=False)
+class Run:
+    """Everything a training run holds, declared in one place, in the order setup() fills it."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    resume_plan: Any = None  # guard.guard_run: the checkpoint to resume, checked before anything loads
+    data_report: dict = None  # what loading found (broken images, captions, buckets)
+    # frozen parts
+    dtype: torch.dtype = torch.float32
+    text_encoder: Any = None
+    tokenizer: Any = None
+    scheduler: Any = None
+    image_encoder: Any = None  # None once the embedding cache is built
+    encode_image: Callable = None
+    encode_text: Callable = None
+    held_out_loss: Any = None  # validation.HeldOutLoss or None
+    validate: Any = None  # validation.Validator or None
+    # what trains
+    examples: Any = None  # cache.CachedExamples or data.CaptionedImages
+    lora_config: Any = None
+    params: list = None  # the trainable LoRA weights: one list for the optimiser, clipping and EMA
+    param_names: list = None
+    prior: Any = None  # as accelerate prepared it
+    unwrapped: Any = None  # the plain prior with its adapter
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    dataloader: Any = None
+    bucket_sampler: Any = None
+    ema: Any = None
+    compiled: bool = False
+    compiled_shapes: set = dataclasses.field(default_factory=set)
+    steps_per_epoch: int = 0
+    max_steps: int = 0
+    info: dict = None  # training_info.json
+    # the loop's own state (train())
+    progress: Any = None
+    window_losses: list = dataclasses.field(default_factory=list)  # the accumulation window's losses, on the device
+    pending: list = dataclasses.field(default_factory=list)  # (step, loss, finite, lr) not read back yet
+    clock: list = dataclasses.field(default_factory=list)  # (step, time) at each read-back
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    stop_signals: list = dataclasses.field(default_factory=list)
+
+
 def setup(args):
     """Everything the loop needs, in the order that matters: data is checked before models load,
     embeddings are cached before the encoders leave the device, LoRA exists before the optimiser."""
-    run = argparse.Namespace(args=args)
-    run.accelerator = accelerator = make_accelerator(args)
-    from wuerstchen_lora.guard import check_training_data, guard_run
+    from wuerstchen_lora.guard import guard_run
 
-    run.resume_plan = guard_run(args, accelerator)  # the output-folder lock; the checkpoint checked before anything loads
+    run = Run(args=args, accelerator=make_accelerator(args))
+    run.resume_plan = guard_run(args, run.accelerator)  # the output-folder lock; the checkpoint checked before anything loads
+    dataset, held_out, row_buckets = setup_data(run)
+    prior = setup_frozen_models(run, held_out, row_buckets)
+    examples = setup_examples(run, dataset, prior, row_buckets)
+    trainable, total = setup_lora(run, prior)
+    setup_loop(run, prior, examples, row_buckets, trainable, total)
+    return run
+
+
+def setup_data(run):
+    """Logging, the output folder, and the data, loaded and checked before any model."""
+    from wuerstchen_lora.guard import check_training_data
+
+    args, accelerator = run.args, run.accelerator
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING if accelerator.is_main_process else logging.ERROR)
     quiet_library_logs()
     if args.allow_tf32:
@@ -779,7 +838,12 @@ def setup(args):
         os.makedirs(args.output_dir, exist_ok=True)
     dataset, held_out, row_buckets, run.data_report = load_data(args, accelerator)
     check_training_data(run.resume_plan, args, dataset)  # the data's fingerprint: recorded, and compared on resume
+    return dataset, held_out, row_buckets
 
+
+def setup_frozen_models(run, held_out, row_buckets):
+    """The frozen prior, encoders and scheduler; the held-out set encoded and the decoder loaded."""
+    args, accelerator = run.args, run.accelerator
     run.dtype = dtype = weight_dtype_for(accelerator)
     prior, run.text_encoder, run.tokenizer, run.scheduler, run.image_encoder = load_frozen_models(args, accelerator.device, dtype)
     run.encode_image, run.encode_text = encoder_functions(run)
@@ -787,8 +851,15 @@ def setup(args):
     # loaded now too, so that a bad path stops the run before caching. Both None under FSDP (validation.py).
     run.held_out_loss = make_held_out_loss(held_out, args, accelerator, run.encode_image, run.encode_text)
     run.validate = make_validator(args, accelerator, run.text_encoder, run.tokenizer, run.scheduler, dtype, common_bucket(row_buckets))
+    scheduler_to(run.scheduler, accelerator.device)
+    return prior
+
+
+def setup_examples(run, dataset, prior, row_buckets):
+    """Training samples: from the embedding cache (built now), or encoded every step."""
+    args = run.args
     if args.cache_embeddings:
-        examples = cached_examples(args, accelerator, dataset, run.encode_image, run.encode_text, dtype, row_buckets)
+        examples = cached_examples(args, run.accelerator, dataset, run.encode_image, run.encode_text, run.dtype, row_buckets)
         # The encoders are done: EfficientNet goes; CLIP waits on the CPU for validation prompts,
         # unless shuffled tags need it every step.
         run.image_encoder = None
@@ -798,19 +869,28 @@ def setup(args):
             torch.cuda.empty_cache()
     else:
         examples = uncached_examples(args, dataset, prior.config.c_in, row_buckets)
-    scheduler_to(run.scheduler, accelerator.device)
+    return examples
 
+
+def setup_lora(run, prior):
+    """The adapter, the bf16 norms and compiled blocks; returns (trainable, total) parameter counts."""
+    args, accelerator = run.args, run.accelerator
     torch.manual_seed(args.seed)  # the LoRA initialisation: same seed, same run
     run.lora_config, run.params, run.param_names = add_lora(prior, args)
     trainable, total = sum(p.numel() for p in run.params), sum(p.numel() for p in prior.parameters())
     accelerator.print(f"LoRA: {trainable:,} trainable of {total:,} prior parameters ({100 * trainable / total:.2f}%)")
-    optimizer = make_optimizer(args, run.params, accelerator.device)
-    if dtype == torch.bfloat16:
-        norms_in_activation_dtype(prior, dtype)
-    run.compiled = False
+    if run.dtype == torch.bfloat16:
+        norms_in_activation_dtype(prior, run.dtype)
     if args.torch_compile:
         compile_blocks(prior, args.torch_compile, args.torch_compile_backend)
-        run.compiled, run.compiled_shapes = True, set()
+        run.compiled = True
+    return trainable, total
+
+
+def setup_loop(run, prior, examples, row_buckets, trainable, total):
+    """Optimiser, data loader and schedule through accelerate, EMA, and the run's record."""
+    args, accelerator = run.args, run.accelerator
+    optimizer = make_optimizer(args, run.params, accelerator.device)
     run.examples = examples
     dataloader, run.bucket_sampler = make_dataloader(args, examples, row_buckets, pin_memory=accelerator.device.type == "cuda")
     run.prior, run.optimizer, run.dataloader = accelerator.prepare(prior, optimizer, dataloader)
@@ -822,7 +902,6 @@ def setup(args):
     # accelerate steps a prepared scheduler once per process per optimiser step, hence the factor.
     run.lr_scheduler = accelerator.prepare(get_scheduler(args.lr_scheduler, run.optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes, num_training_steps=run.max_steps * accelerator.num_processes))
     run.unwrapped = accelerator.unwrap_model(run.prior)
-    run.ema = None
     if args.use_ema:
         from diffusers.training_utils import EMAModel
 
@@ -1009,8 +1088,7 @@ def train(args):
     from tqdm.auto import tqdm
 
     run.progress = tqdm(total=run.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    run.nonfinite_in_a_row = run.nonfinite_total = 0
-    run.window_losses, run.pending, run.clock = [], [], [(global_step, time.perf_counter())]
+    run.clock.append((global_step, time.perf_counter()))
     # Resume point: whole epochs done, then the batches of the current epoch already consumed.
     first_epoch, skip = divmod(global_step, run.steps_per_epoch) if global_step < run.max_steps else (math.ceil(run.max_steps / run.steps_per_epoch), 0)
     skip *= args.gradient_accumulation_steps
