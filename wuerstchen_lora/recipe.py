@@ -93,8 +93,8 @@ class ArgumentParser(argparse.ArgumentParser):
 # Arguments
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(description="Train a LoRA adapter on the Wuerstchen v2 prior (Stage C) and write pytorch_lora_weights.safetensors.", allow_abbrev=False)
+def add_model_flags(p):
+    """The model parts and the adapter."""
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_prior_model_name_or_path", default=DEFAULT_PRIOR, help="hub id or local folder laid out like warp-ai/wuerstchen-prior")
     g.add_argument("--revision", default=None, help="hub revision of the prior repo")
@@ -110,6 +110,9 @@ def parse_args(argv=None):
     g.add_argument("--use_dora", action="store_true", help="weight-decomposed LoRA (DoRA, peft)")
     g.add_argument("--use_rslora", action="store_true", help="rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r (peft)")
 
+
+def add_data_flags(p):
+    """Datasets, augmentation, captions and the embedding cache."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", "--dataset_name", "--train_data_dir", dest="dataset", default=None, help="hub dataset, local folder (imagefolder or images + .txt captions) or .jsonl/.csv/.parquet file")
     g.add_argument("--image_column", default=None, help="default: detected")
@@ -137,6 +140,9 @@ def parse_args(argv=None):
     g.add_argument("--embeddings_cache_dir", default=None, help="where the cache lives (default: OUTPUT_DIR/embeddings_cache); share one between runs")
     g.add_argument("--cache_batch_size", type=POSITIVE_INT, default=8, help="images encoded per EfficientNet call while the cache is built (images of one size go together); lower it if caching runs out of memory")
 
+
+def add_optimisation_flags(p):
+    """The optimiser, schedule, precision and speed options."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--seed", type=int, default=42, help="seed for data order, augmentation, noise and timesteps")
     g.add_argument("--train_batch_size", type=POSITIVE_INT, default=1, help="per process")
@@ -170,6 +176,9 @@ def parse_args(argv=None):
     g.add_argument("--torch_compile_backend", default="inductor", help="torch.compile backend for --torch_compile (torch._dynamo.list_backends())")
     g.add_argument("--prior_dropout", type=PROBABILITY, default=None, help="dropout rate inside the prior while training (default: the model's config, 0.1)")
 
+
+def add_output_flags(p):
+    """Checkpoints, outputs, the hub, validation and logging."""
     g = p.add_argument_group("checkpoints and output")
     g.add_argument("--output_dir", default="wuerstchen-prior-lora")
     g.add_argument("--checkpointing_steps", type=NON_NEGATIVE_INT, default=500, help="save a resumable checkpoint every N steps; 0 = never")
@@ -188,6 +197,11 @@ def parse_args(argv=None):
     g.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
     g.add_argument("--logging_steps", type=POSITIVE_INT, default=10, help="read losses back from the GPU every N steps (every step is still logged); the only wait for the GPU between checkpoints")
 
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="Train a LoRA adapter on the Wuerstchen v2 prior (Stage C) and write pytorch_lora_weights.safetensors.", allow_abbrev=False)
+    for add_flags in (add_model_flags, add_data_flags, add_optimisation_flags, add_output_flags):
+        add_flags(p)
     args = p.parse_args(attach_negative_numbers(p, argv))
     check_args(args)
     return args
@@ -561,13 +575,11 @@ def load_data(args, accelerator):
     """The dataset, selected and checked before any model is loaded: columns, captions, and every
     image decoded once (each process checks its share). Unreadable images are dropped and counted;
     too many of them, or none left, stop the run here."""
-    from accelerate.utils import gather_object
     from transformers import CLIPTokenizer
 
     from wuerstchen_lora.data import (
         caption_stats,
         check_captions,
-        inspect_images,
         load_training_dataset,
     )
     from wuerstchen_lora.models import model_load_errors
@@ -592,28 +604,8 @@ def load_data(args, accelerator):
             # Not in the hub cache when the arguments were checked: fetch the small config now (the prior needs it anyway).
             check_lora_rank(args, read_prior_config(args.pretrained_prior_model_name_or_path, args.revision, download=True))
     args.image_column, args.caption_column = image_column, caption_column
-    share = range(accelerator.process_index, len(dataset), accelerator.num_processes)
-    sizes, bad = inspect_images(dataset, image_column, share)
-    sizes, bad = dict(gather_object(list(sizes.items()))), sorted(gather_object(bad))
-    for index, name, reason in bad[:5]:
-        accelerator.print(f"warning: skipping {name}: {reason}")
-    if len(bad) > 5:
-        accelerator.print(f"warning: ... and {len(bad) - 5} more unreadable images")
-    if len(bad) == len(dataset):
-        raise UserError(f"--dataset {args.dataset}: none of the {len(dataset)} images could be read (e.g. {bad[0][1]}: {bad[0][2]})")
-    if len(bad) > args.max_bad_images * len(dataset):
-        raise UserError(f"--dataset {args.dataset}: {len(bad)} of {len(dataset)} images are unreadable, more than --max_bad_images {args.max_bad_images:g}; fix or remove them (first: {bad[0][1]}: {bad[0][2]})")
-    keep = sorted(sizes)  # row numbers of the usable images
-    held_out = None
-    if args.validation_split:
-        n = max(1, round(len(keep) * args.validation_split))
-        if n >= len(keep):
-            raise UserError(f"--validation_split {args.validation_split:g} leaves no training images out of {len(keep)}")
-        order = keep[:]
-        random.Random(args.seed).shuffle(order)
-        held_out, keep = dataset.select(sorted(order[:n])), sorted(order[n:])
-    elif args.validation_dataset:
-        held_out = load_held_out_dataset(args, accelerator, image_column, caption_column)
+    sizes, bad = readable_images(args, accelerator, dataset, image_column)
+    held_out, keep = split_held_out(args, accelerator, dataset, sorted(sizes), image_column, caption_column)
     report = {"bad_images": len(bad), "bad_examples": [f"{n}: {r}" for _, n, r in bad[:20]],
               "held_out_images": len(held_out) if held_out is not None else 0}
     row_buckets = None
@@ -626,6 +618,42 @@ def load_data(args, accelerator):
     report["numeric_captions"], report["unlisted_images"] = loaded.get("numeric_captions", 0), loaded.get("unlisted_images", 0)
     report["non_utf8_caption_files"] = loaded.get("non_utf8_caption_files", 0)  # the training set's, not the held-out set's
     return dataset, held_out, row_buckets, report
+
+
+def readable_images(args, accelerator, dataset, image_column):
+    """Every image decoded once, each process its share: ({row: size} of the readable ones, the
+    unreadable (row, name, reason)). Too many unreadable ones stop the run."""
+    from accelerate.utils import gather_object
+
+    from wuerstchen_lora.data import inspect_images
+
+    share = range(accelerator.process_index, len(dataset), accelerator.num_processes)
+    sizes, bad = inspect_images(dataset, image_column, share)
+    sizes, bad = dict(gather_object(list(sizes.items()))), sorted(gather_object(bad))
+    for index, name, reason in bad[:5]:
+        accelerator.print(f"warning: skipping {name}: {reason}")
+    if len(bad) > 5:
+        accelerator.print(f"warning: ... and {len(bad) - 5} more unreadable images")
+    if len(bad) == len(dataset):
+        raise UserError(f"--dataset {args.dataset}: none of the {len(dataset)} images could be read (e.g. {bad[0][1]}: {bad[0][2]})")
+    if len(bad) > args.max_bad_images * len(dataset):
+        raise UserError(f"--dataset {args.dataset}: {len(bad)} of {len(dataset)} images are unreadable, more than --max_bad_images {args.max_bad_images:g}; fix or remove them (first: {bad[0][1]}: {bad[0][2]})")
+    return sizes, bad
+
+
+def split_held_out(args, accelerator, dataset, keep, image_column, caption_column):
+    """(held-out dataset or None, the training rows): --validation_split takes a seeded share of the
+    readable rows; --validation_dataset loads another dataset."""
+    if args.validation_split:
+        n = max(1, round(len(keep) * args.validation_split))
+        if n >= len(keep):
+            raise UserError(f"--validation_split {args.validation_split:g} leaves no training images out of {len(keep)}")
+        order = keep[:]
+        random.Random(args.seed).shuffle(order)
+        return dataset.select(sorted(order[:n])), sorted(order[n:])
+    if args.validation_dataset:
+        return load_held_out_dataset(args, accelerator, image_column, caption_column), keep
+    return None, keep
 
 
 def load_held_out_dataset(args, accelerator, image_column, caption_column):
