@@ -405,7 +405,7 @@ def markdown(r):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: the scaled prior; cuda: the real prior on one GPU")
     p.add_argument("--smoke_device_path", action="store_true", help="the --device cuda code path on the CPU with tiny sizes (a check, no figures)")
@@ -419,8 +419,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads, and OMP/MKL threads of the CPU trainer runs (default 1: steady on a shared machine)")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="the GPU's dense bf16 peak for MFU (989: H100/H200 SXM)")
     p.add_argument("--compile_backend", default=None, help="torch.compile backend of the compile modes (default inductor; smoke aot_eager)")
-    args = p.parse_args(argv)
+    return p, p.parse_args(argv)
 
+
+def main(argv=None):
+    p, args = parse_args(argv)
     import diffusers
     import peft
 
@@ -450,25 +453,43 @@ def main(argv=None):
          "peak_tflops": args.peak_tflops if device.type == "cuda" else None}  # fmt: skip
     log(f"{r['command']}\n{r['machine']}; {r['software']}; load average {loadavg():.2f}")
 
-    if sections & {"trainer", "cache"}:
-        from tools.make_tiny_models import (
-            make_image_dataset,
-            make_image_encoder,
-            make_prior_repo,
-        )
+    paths = build_models(workdir, sizes, device) if sections & {"trainer", "cache"} else None
+    run_sections(r, args, kind, sections, sizes, device, modes, paths, workdir, min_run_time)
+    r["load_average"]["end"], r["total_s"] = loadavg(), time.perf_counter() - t_start
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(r, indent=2))
+    text = markdown(r)
+    (out / "results.md").write_text(text)
+    print(text)
+    log(f"wrote {out / 'results.json'} and results.md")
+    return 0
 
-        stamp = workdir / "built.json"
-        want = json.loads(json.dumps({k: sizes[k] for k in ("prior", "text", "images", "image_size")}))
-        paths = json.loads(stamp.read_text())["paths"] if stamp.is_file() and json.loads(stamp.read_text())["want"] == want else None
-        if paths is None:
-            log("building the models and images")
-            prior = build_prior(sizes["prior"], device).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
-            paths = {"prior": make_prior_repo(workdir / "prior_repo", prior=prior, text_encoder=sizes["text"]),
-                     "image_encoder": make_image_encoder(workdir / "effnet.safetensors"),
-                     "dataset": make_image_dataset(workdir / "data", "imagefolder_jsonl", n=sizes["images"], size=tuple(sizes["image_size"]))}
-            del prior
-            free(device)
-            stamp.write_text(json.dumps({"want": want, "paths": paths}))
+
+def build_models(workdir, sizes, device):
+    """A prior repo (prior + CLIP text encoder of `sizes`), EfficientNet and images; reused when complete."""
+    from tools.make_tiny_models import (
+        make_image_dataset,
+        make_image_encoder,
+        make_prior_repo,
+    )
+
+    stamp = workdir / "built.json"
+    want = json.loads(json.dumps({k: sizes[k] for k in ("prior", "text", "images", "image_size")}))
+    if stamp.is_file() and json.loads(stamp.read_text())["want"] == want:
+        return json.loads(stamp.read_text())["paths"]
+    log("building the models and images")
+    prior = build_prior(sizes["prior"], device).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    paths = {"prior": make_prior_repo(workdir / "prior_repo", prior=prior, text_encoder=sizes["text"]),
+             "image_encoder": make_image_encoder(workdir / "effnet.safetensors"),
+             "dataset": make_image_dataset(workdir / "data", "imagefolder_jsonl", n=sizes["images"], size=tuple(sizes["image_size"]))}
+    del prior
+    free(device)
+    stamp.write_text(json.dumps({"want": want, "paths": paths}))
+    return paths
+
+
+def run_sections(r, args, kind, sections, sizes, device, modes, paths, workdir, min_run_time):
+    """Fill the results `r` with each asked-for section."""
     if "floor" in sections:
         for precision in ("fp32",) if kind == "cpu" else ("bf16", "fp16"):
             log(f"bare floor {precision}")
@@ -491,14 +512,6 @@ def main(argv=None):
     for name in [name for name in figures if name in sections]:
         log(name)
         r[name] = figures[name]()
-    r["load_average"]["end"], r["total_s"] = loadavg(), time.perf_counter() - t_start
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(r, indent=2))
-    text = markdown(r)
-    (out / "results.md").write_text(text)
-    print(text)
-    log(f"wrote {out / 'results.json'} and results.md")
-    return 0
 
 
 if __name__ == "__main__":
