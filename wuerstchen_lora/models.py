@@ -150,14 +150,15 @@ def load_image_encoder(spec=None):
 # Prior, text encoder, decoder
 
 
-def load_prior_components(path, revision=None):
-    """Prior, CLIP text encoder, tokenizer and scheduler from a repo laid out like warp-ai/wuerstchen-prior."""
+def load_prior_components(path, revision=None, tokenizer=None):
+    """Prior, CLIP text encoder, tokenizer (unless one is given, already loaded from the same repo)
+    and scheduler from a repo laid out like warp-ai/wuerstchen-prior."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     with model_load_errors(path, "prior"):
         prior = WuerstchenPrior.from_pretrained(path, subfolder="prior", revision=revision)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
+        tokenizer = tokenizer or CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
         scheduler = DDPMWuerstchenScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
     return prior, text_encoder, tokenizer, scheduler
 

@@ -404,15 +404,16 @@ def weight_dtype_for(accelerator):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def load_frozen_models(args, device, dtype):
-    """Prior, text encoder, tokenizer, scheduler and EfficientNet, all frozen, on `device` in `dtype`."""
+def load_frozen_models(args, device, dtype, tokenizer=None):
+    """Prior, text encoder, tokenizer, scheduler and EfficientNet, all frozen, on `device` in `dtype`
+    (`tokenizer`: the one the data checks loaded, reused)."""
     from wuerstchen_lora.models import (
         load_image_encoder,
         load_prior_components,
         use_sdpa_attention,
     )
 
-    prior, text_encoder, tokenizer, scheduler = load_prior_components(args.pretrained_prior_model_name_or_path, args.revision)
+    prior, text_encoder, tokenizer, scheduler = load_prior_components(args.pretrained_prior_model_name_or_path, args.revision, tokenizer)
     image_encoder = load_image_encoder(args.image_encoder)
     for model in (prior, text_encoder, image_encoder):
         model.requires_grad_(False).to(device, dtype=dtype)
@@ -574,7 +575,8 @@ def make_optimizer(args, params, device):
 def load_data(args, accelerator):
     """The dataset, selected and checked before any model is loaded: columns, captions, and every
     image decoded once (each process checks its share). Unreadable images are dropped and counted;
-    too many of them, or none left, stop the run here."""
+    too many of them, or none left, stop the run here. Returns the tokenizer it loaded for the
+    caption checks too: the models reuse it."""
     from transformers import CLIPTokenizer
 
     from wuerstchen_lora.data import (
@@ -617,7 +619,7 @@ def load_data(args, accelerator):
     # Counted over the whole dataset, before --max_train_samples and the image checks.
     report["numeric_captions"], report["unlisted_images"] = loaded.get("numeric_captions", 0), loaded.get("unlisted_images", 0)
     report["non_utf8_caption_files"] = loaded.get("non_utf8_caption_files", 0)  # the training set's, not the held-out set's
-    return dataset, held_out, row_buckets, report
+    return dataset, held_out, row_buckets, report, tokenizer
 
 
 def readable_images(args, accelerator, dataset, image_column):
@@ -864,7 +866,7 @@ def setup_data(run):
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-    dataset, held_out, row_buckets, run.data_report = load_data(args, accelerator)
+    dataset, held_out, row_buckets, run.data_report, run.tokenizer = load_data(args, accelerator)
     check_training_data(run.resume_plan, args, dataset)  # the data's fingerprint: recorded, and compared on resume
     return dataset, held_out, row_buckets
 
@@ -873,7 +875,7 @@ def setup_frozen_models(run, held_out, row_buckets):
     """The frozen prior, encoders and scheduler; the held-out set encoded and the decoder loaded."""
     args, accelerator = run.args, run.accelerator
     run.dtype = dtype = weight_dtype_for(accelerator)
-    prior, run.text_encoder, run.tokenizer, run.scheduler, run.image_encoder = load_frozen_models(args, accelerator.device, dtype)
+    prior, run.text_encoder, run.tokenizer, run.scheduler, run.image_encoder = load_frozen_models(args, accelerator.device, dtype, run.tokenizer)
     run.encode_image, run.encode_text = encoder_functions(run)
     # The held-out set is encoded now, while the encoders are on the device; the validation decoder is
     # loaded now too, so that a bad path stops the run before caching. Both None under FSDP (validation.py).
