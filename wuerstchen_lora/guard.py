@@ -457,28 +457,37 @@ def _setting_errors(old, new):
     return changed
 
 
+def resume_path(args):
+    """The checkpoint folder --resume_from_checkpoint names ('latest': the newest complete one in
+    --output_dir), or None without the flag; a missing or incomplete one is a UserError. Called by
+    the argument checks (before anything is written) and by plan_resume."""
+    if not args.resume_from_checkpoint:
+        if args.discard_newer_checkpoints:
+            raise UserError("--discard_newer_checkpoints only goes with --resume_from_checkpoint (it deletes the checkpoints newer than the one resumed)")
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(args.output_dir)
+        if not found:
+            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N in {args.output_dir}; start without the flag")
+        return found[-1][1]
+    path = args.resume_from_checkpoint
+    if not os.path.isdir(path):
+        raise UserError(f"--resume_from_checkpoint {path}: no such folder; give a checkpoint-N folder or 'latest'")
+    if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+        raise UserError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINER_STATE_NAME}); "
+                        f"give a checkpoint-N folder written by this trainer, or 'latest'")
+    return path
+
+
 def plan_resume(args, accelerator):
     """Resolve --resume_from_checkpoint and check it against this run, reading only small files.
     Returns None (no resume) or a ResumePlan; raises UserError with one line otherwise."""
     from wuerstchen_lora.outputs import sharded_engine
 
-    if not args.resume_from_checkpoint:
-        if args.discard_newer_checkpoints:
-            raise UserError("--discard_newer_checkpoints only goes with --resume_from_checkpoint (it deletes the checkpoints newer than the one resumed)")
+    path = resume_path(args)
+    if path is None:
         return None
     sharded = sharded_engine(accelerator)
-    if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(args.output_dir)
-        if not found:
-            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N in {args.output_dir}; start without the flag")
-        path = found[-1][1]
-    else:
-        path = args.resume_from_checkpoint
-        if not os.path.isdir(path):
-            raise UserError(f"--resume_from_checkpoint {path}: no such folder; give a checkpoint-N folder or 'latest'")
-        if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
-            raise UserError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINER_STATE_NAME}); "
-                            f"give a checkpoint-N folder written by this trainer, or 'latest'")
     problem = checkpoint_problem(path, sharded)
     if problem:
         raise _damaged(path, problem[0], problem[1], earlier_readable_checkpoint(path, sharded))
@@ -519,8 +528,6 @@ def check_training_data(plan, args, dataset):
 
 def guard_run(args, accelerator):
     """At the start of setup: the lock, then the resume checks. Returns the ResumePlan (or None)."""
-    if args.discard_newer_checkpoints and not args.resume_from_checkpoint:
-        return plan_resume(args, accelerator)  # refused: nothing to discard from
     lock_output_dir(args, accelerator)
     return plan_resume(args, accelerator)
 

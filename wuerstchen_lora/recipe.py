@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from wuerstchen_lora.guard import resume_path
 from wuerstchen_lora.models import (
     DEFAULT_DECODER,
     DEFAULT_LORA_TARGETS,
@@ -319,10 +320,7 @@ def check_args(args):
             if folder and out and os.path.isdir(folder) and inside(out, folder):
                 raise UserError(f"--{out_flag} {out} is inside --{data_flag} {folder}: what a run writes there (validation images, "
                                 "checkpoints, the cache) would be read as data by the next run; put it outside the dataset folder")
-    if args.resume_from_checkpoint == "latest" and not list_checkpoints(args.output_dir):
-        raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N in {args.output_dir}; start without the flag")
-    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
-        raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder; give a checkpoint-N folder or 'latest'")
+    resume_path(args)  # a resume that cannot start is refused before anything is written
     if args.use_8bit_adam:
         if args.optimizer not in ("adamw", "adamw8bit"):
             raise UserError(f"--use_8bit_adam conflicts with --optimizer {args.optimizer}; keep one")
