@@ -114,7 +114,8 @@ def bare_step(cfg, device, precision, rank, batch, grid, kind="lora", checkpoint
     if kind == "lora":
         prior.requires_grad_(False).to(dtype=dtype)
         argv = ["--dataset", "unused", "--rank", str(rank), "--lora_alpha", str(rank)] + ["--gradient_checkpointing"] * checkpointing
-        _, params, _ = T.add_lora(prior, T.parse_args(argv))
+        cfg_ = T.parse_args(argv)
+        _, params, _ = T.add_lora(prior, cfg_.lora, cfg_.optim)
         if dtype == torch.bfloat16:
             T.norms_in_activation_dtype(prior, dtype)
     else:
@@ -219,15 +220,15 @@ def measure_cache_build(paths, sizes, min_run_time):
     from wuerstchen_lora.models import load_image_encoder, load_prior_components
 
     _, text_encoder, tokenizer, _ = load_prior_components(paths["prior"])
-    run = SimpleNamespace(accelerator=Accelerator(cpu=True), dtype=torch.float32, image_encoder=load_image_encoder(paths["image_encoder"]).eval(),
-                          text_encoder=text_encoder, tokenizer=tokenizer)
-    encode_image, encode_text = T.encoder_functions(run)
+    accelerator = Accelerator(cpu=True)
+    encoders = T.Encoders(load_image_encoder(paths["image_encoder"]).eval(), text_encoder, tokenizer, accelerator.device, torch.float32)
     dataset, image_column, caption_column = load_training_dataset(paths["dataset"])
     out = {}
     with tempfile.TemporaryDirectory(prefix="cache-build-") as tmp, torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         for batch in (1, 8):
             args = T.parse_args(["--dataset", paths["dataset"], "--resolution", str(sizes["resolution"]), "--center_crop", "--cache_batch_size", str(batch)])
-            build = lambda: build_cache(tempfile.mkdtemp(dir=tmp), dataset, image_column, caption_column, args, encode_image, encode_text, run.accelerator)  # noqa: E731 (a fresh folder each call)
+            build = lambda: build_cache(tempfile.mkdtemp(dir=tmp), dataset, (image_column, caption_column), args.data, args.cache,  # noqa: E731
+                                        encoders.image, encoders.text, accelerator)  # noqa: E731 (a fresh folder each call)
             out[str(batch)] = time_it(build, min_run_time)["s"] / len(dataset)
     return out
 

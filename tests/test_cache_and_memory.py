@@ -16,6 +16,7 @@ from wuerstchen_lora.cache import (
     cache_key,
     image_for_cache,
 )
+from wuerstchen_lora.config import with_changes
 from wuerstchen_lora.data import ImageTransform, load_training_dataset
 from wuerstchen_lora.models import load_image_encoder, load_prior_components
 
@@ -23,9 +24,7 @@ from wuerstchen_lora.models import load_image_encoder, load_prior_components
 def cache_args(tiny, **overrides):
     args = trainer.parse_args(["--dataset", tiny["dataset"], "--pretrained_prior_model_name_or_path", tiny["prior"],
                                "--image_encoder", tiny["image_encoder"], "--resolution", "64"])
-    for k, v in overrides.items():
-        setattr(args, k, v)
-    return args
+    return with_changes(args, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +36,8 @@ def encoders(tiny):
 
 
 def build(tiny, encoders, folder, args):
-    dataset, image_column, caption_column = load_training_dataset(args.dataset)
-    args.image_column, args.caption_column = image_column, caption_column
-    build_cache(str(folder), dataset, image_column, caption_column, args, *encoders, accelerator=OneProcess())
+    dataset, image_column, caption_column = load_training_dataset(args.data.dataset)
+    build_cache(str(folder), dataset, (image_column, caption_column), args.data, args.cache, *encoders, accelerator=OneProcess())
     return dataset
 
 
@@ -96,9 +94,9 @@ def test_batched_cache_build_matches_one_at_a_time(tiny, encoders, tmp_path):
     built = {}
     for name, batch, workers in (("single", 1, 0), ("batched", 3, 1)):
         args = cache_args(tiny, dataset=mixed, center_crop=False, random_flip=True, cache_batch_size=batch, dataloader_num_workers=workers)
-        dataset, image_column, caption_column = load_training_dataset(args.dataset)
+        dataset, image_column, caption_column = load_training_dataset(args.data.dataset)
         calls.clear()
-        build_cache(str(tmp_path / name), dataset, image_column, caption_column, args, counting, encode_text, accelerator=OneProcess())
+        build_cache(str(tmp_path / name), dataset, (image_column, caption_column), args.data, args.cache, counting, encode_text, accelerator=OneProcess())
         built[name] = (load_file(str(tmp_path / name / "images-000.safetensors")), load_file(str(tmp_path / name / "texts-000.safetensors")), list(calls))
     (single_images, single_texts, single_calls), (images, texts, batched_calls) = built["single"], built["batched"]
     assert len(dataset) == 7 and len(single_calls) == 7  # straight + flipped of one image per call
@@ -113,24 +111,28 @@ def test_batched_cache_build_matches_one_at_a_time(tiny, encoders, tmp_path):
         torch.testing.assert_close(texts[key], single_texts[key], rtol=1e-5, atol=1e-6)
 
 
+def key(cfg, dataset, dtype, image_encoder):
+    return cache_key(cfg.model, cfg.data, dataset, ("image", "text"), dtype, image_encoder)
+
+
 def test_cache_key_follows_every_setting(tiny):
     from datasets import load_dataset
 
     dataset = load_dataset("imagefolder", data_dir=tiny["dataset"], split="train")
-    base = cache_key(cache_args(tiny), dataset, torch.float32, tiny["image_encoder"])
-    assert base == cache_key(cache_args(tiny), dataset, torch.float32, tiny["image_encoder"])
+    base = key(cache_args(tiny), dataset, torch.float32, tiny["image_encoder"])
+    assert base == key(cache_args(tiny), dataset, torch.float32, tiny["image_encoder"])
     changed = [
-        cache_key(cache_args(tiny, resolution=96), dataset, torch.float32, tiny["image_encoder"]),
-        cache_key(cache_args(tiny, random_flip=True), dataset, torch.float32, tiny["image_encoder"]),
-        cache_key(cache_args(tiny, center_crop=True), dataset, torch.float32, tiny["image_encoder"]),
-        cache_key(cache_args(tiny), dataset, torch.bfloat16, tiny["image_encoder"]),
-        cache_key(cache_args(tiny), dataset.select(range(3)), torch.float32, tiny["image_encoder"]),
+        key(cache_args(tiny, resolution=96), dataset, torch.float32, tiny["image_encoder"]),
+        key(cache_args(tiny, random_flip=True), dataset, torch.float32, tiny["image_encoder"]),
+        key(cache_args(tiny, center_crop=True), dataset, torch.float32, tiny["image_encoder"]),
+        key(cache_args(tiny), dataset, torch.bfloat16, tiny["image_encoder"]),
+        key(cache_args(tiny), dataset.select(range(3)), torch.float32, tiny["image_encoder"]),
     ]
     assert len(set(changed + [base])) == len(changed) + 1
     caption = os.path.join(tiny["dataset"], "metadata.jsonl")
     stat = os.stat(caption)
     os.utime(caption, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # an edited dataset file
-    assert cache_key(cache_args(tiny), dataset, torch.float32, tiny["image_encoder"]) != base
+    assert key(cache_args(tiny), dataset, torch.float32, tiny["image_encoder"]) != base
     os.utime(caption, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
@@ -181,8 +183,8 @@ def fixed_grads(prior, scheduler, params):
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     args = cache_args(tiny)
-    prior, _, _, scheduler, _ = trainer.load_frozen_models(args, "cpu", torch.float32)
-    _, params, _ = trainer.add_lora(prior, args)
+    prior, _, _, scheduler, _ = trainer.load_frozen_models(args.model, "cpu", torch.float32)
+    _, params, _ = trainer.add_lora(prior, args.lora)
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.1)  # lora_B starts at zero; give every LoRA weight a gradient path
@@ -210,7 +212,7 @@ def test_8bit_adam_without_bitsandbytes_says_how_to_fix(tiny, monkeypatch):
         with pytest.raises(trainer.UserError, match="pip install bitsandbytes"):
             trainer.parse_args(["--dataset", tiny["dataset"], *flags])
     args = cache_args(tiny)
-    assert isinstance(trainer.make_optimizer(args, [torch.nn.Parameter(torch.zeros(2))], "cpu"), torch.optim.AdamW)
+    assert isinstance(trainer.make_optimizer(args.optim, [torch.nn.Parameter(torch.zeros(2))], "cpu"), torch.optim.AdamW)
 
 
 def test_accelerate_config_compile_becomes_block_compile(tiny, tmp_path, monkeypatch):
@@ -220,10 +222,10 @@ def test_accelerate_config_compile_becomes_block_compile(tiny, tmp_path, monkeyp
 
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "AOT_EAGER")
     args = cache_args(tiny, output_dir=str(tmp_path), report_to="none")
+    assert (args.optim.torch_compile, args.optim.torch_compile_backend) == ("default", "aot_eager")
     AcceleratorState._reset_state(reset_partial_state=True)  # earlier in-process runs may have set it up
     try:
         accelerator = trainer.make_accelerator(args)
         assert accelerator.state.dynamo_plugin.backend.value.lower() == "no"
-        assert (args.torch_compile, args.torch_compile_backend) == ("default", "aot_eager")
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)

@@ -51,11 +51,10 @@ def test_cached_dropout_shuffle_and_repeats(tiny, tmp_path):
     prior, text_encoder, tokenizer, _ = load_prior_components(tiny["prior"])
     image_encoder = load_image_encoder(tiny["image_encoder"])
     args = trainer.parse_args(["--dataset", tiny["dataset"], "--resolution", "64", "--center_crop", "--caption_prefix", "sks, "])
-    dataset, image_column, caption_column = load_training_dataset(args.dataset)
-    args.image_column, args.caption_column = image_column, caption_column
+    dataset, image_column, caption_column = load_training_dataset(args.data.dataset)
     encode_text = lambda captions: objective.encode_text(text_encoder, tokenizer, captions, "cpu")  # noqa: E731
     opts = CaptionOptions(prefix="sks, ", dropout=0.5)
-    build_cache(str(tmp_path / "c"), dataset, image_column, caption_column, args,
+    build_cache(str(tmp_path / "c"), dataset, (image_column, caption_column), args.data, args.cache,
                 lambda px: objective.encode_images(image_encoder, px), encode_text, OneProcess(), captions=opts)
 
     cached = CachedExamples(str(tmp_path / "c"), 64, False, 0, opts, repeats=2)

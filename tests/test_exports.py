@@ -48,8 +48,6 @@ def test_merged_prior_is_a_plain_prior_with_the_lora_inside(tiny, trained, tmp_p
 
 
 def test_hub_upload_plan_and_offline_error(trained):
-    import argparse
-
     import pytest
 
     from wuerstchen_lora.models import UserError
@@ -60,9 +58,10 @@ def test_hub_upload_plan_and_offline_error(trained):
             "peft_adapter/adapter_model.safetensors", "peft_adapter/adapter_config.json"} <= set(plan)
     assert any(p.startswith("validation/") for p in plan)
     assert not any(p.startswith(("checkpoint-", "embeddings_cache", "logs")) for p in plan)
-    args = argparse.Namespace(output_dir=str(trained), hub_model_id="someone/my-lora")
+    from wuerstchen_lora.config import HubConfig
+
     with pytest.raises(UserError, match="HF_HUB_OFFLINE=1.*huggingface-cli upload someone/my-lora"):
-        push_to_hub(args)
+        push_to_hub(HubConfig(push_to_hub=True, hub_model_id="someone/my-lora"), str(trained))
 
 
 def test_model_card_snippet_runs(trained, tiny):

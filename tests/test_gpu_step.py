@@ -220,9 +220,9 @@ def test_bf16_norms_remove_dtype_copies_under_cuda_autocast(tiny):
 
 
 def test_gradient_checkpointing_flag_values():
-    assert trainer.parse_args(["--dataset", "d", "--gradient_checkpointing"]).gradient_checkpointing == 1.0
-    assert trainer.parse_args(["--dataset", "d", "--gradient_checkpointing", "0.25"]).gradient_checkpointing == 0.25
-    assert trainer.parse_args(["--dataset", "d"]).gradient_checkpointing == 0.0
+    assert trainer.parse_args(["--dataset", "d", "--gradient_checkpointing"]).optim.gradient_checkpointing == 1.0
+    assert trainer.parse_args(["--dataset", "d", "--gradient_checkpointing", "0.25"]).optim.gradient_checkpointing == 0.25
+    assert trainer.parse_args(["--dataset", "d"]).optim.gradient_checkpointing == 0.0
     with pytest.raises(trainer.UserError, match=r"--gradient_checkpointing must be in \(0, 1\] \(got 1.5\)"):
         trainer.parse_args(["--dataset", "d", "--gradient_checkpointing", "1.5"])
 

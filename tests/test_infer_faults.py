@@ -138,11 +138,12 @@ def test_validation_is_off_for_a_sharded_prior():
 
     fsdp = FakeAccelerator(DistributedType.FSDP)
     # nothing is encoded or loaded (the decoder path does not exist): a note each, and no validation
-    args = types.SimpleNamespace(validation_prompts=["a cat"], pretrained_decoder_model_name_or_path="/nonexistent")
-    assert make_validator(args, fsdp, None, None, None, torch.float32) is None
-    assert make_held_out_loss(object(), args, fsdp, None, None) is None
+    cfg = types.SimpleNamespace(validation=types.SimpleNamespace(validation_prompts=["a cat"]),
+                                model=types.SimpleNamespace(pretrained_decoder_model_name_or_path="/nonexistent"))
+    assert make_validator(cfg, fsdp, None, None, None, torch.float32) is None
+    assert make_held_out_loss(types.SimpleNamespace(held_out=object()), cfg, fsdp, None) is None
     assert len(fsdp.printed) == 2 and all(line.startswith("note: ") and "under FSDP" in line for line in fsdp.printed)
-    assert make_held_out_loss(None, args, FakeAccelerator(DistributedType.NO), None, None) is None
+    assert make_held_out_loss(types.SimpleNamespace(held_out=None), cfg, FakeAccelerator(DistributedType.NO), None) is None
 
 
 @pytest.mark.parametrize("how", ["missing", "broken"])

@@ -136,7 +136,7 @@ def test_safe_changes_are_accepted_reported_and_applied(tiny, finished, tmp_path
     assert optimizer["param_groups"][0]["lr"] == 0.01
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["settings"]["rank"] == 8 and state["data"]["rows"] == 8
-    assert state["args"]["learning_rate"] == 0.01
+    assert state["config"]["optim"]["learning_rate"] == 0.01
 
 
 @pytest.mark.parametrize("damage", ["optimizer.bin", LORA_WEIGHTS_NAME, "trainer_state.json"])
@@ -195,7 +195,7 @@ def test_discard_newer_checkpoints_with_a_limit_keeps_the_new_ones(tiny, finishe
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--discard_newer_checkpoints: deleted checkpoint-4" in proc.stdout
     assert [s for s, _ in list_checkpoints(str(out))] == [4]  # this run's, not the discarded one
-    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["args"]["learning_rate"] == 0.01
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["config"]["optim"]["learning_rate"] == 0.01
 
 
 def test_checkpoint_limit_never_deletes_the_checkpoint_just_written(tmp_path):
@@ -314,10 +314,9 @@ def test_a_read_only_folder_gives_one_line(tiny, finished, tmp_path):
 
 
 def test_write_failures_are_recognised_however_they_are_raised(tmp_path):
-    import argparse
     import errno
 
-    args = argparse.Namespace(output_dir=str(tmp_path))
+    args = str(tmp_path)  # the output folder
     full = run_guard.write_failure_message(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"), args)
     assert full.startswith(f"cannot write {tmp_path}: the disk is full") and "free some space" in full
     wrapped = RuntimeError("save failed")

@@ -95,10 +95,11 @@ def test_cached_and_uncached_make_the_same_choices(tmp_path):
     noise, and place the crop at the same fraction of their own range (pixels, cells); on the
     lattice, the same window."""
     dataset = make_dataset()
-    args = types.SimpleNamespace(resolution=RES, center_crop=False, random_flip=True, cache_batch_size=3, dataloader_num_workers=0)
+    data = types.SimpleNamespace(resolution=RES, center_crop=False, random_flip=True, dataloader_num_workers=0)
+    cache = types.SimpleNamespace(cache_batch_size=3)
     plain = CaptionOptions(prefix="sks, ", dropout=0.3)
     shuffled = CaptionOptions(prefix="sks, ", dropout=0.3, shuffle_tags=True, keep_tokens=1)
-    build_cache(str(tmp_path / "c"), dataset, "image", "text", args, encode_image, encode_text, OneProcess(), captions=plain)
+    build_cache(str(tmp_path / "c"), dataset, ("image", "text"), data, cache, encode_image, encode_text, OneProcess(), captions=plain)
     seen = {"flip": set(), "drop": set(), "caption": set(), "same window": 0, "moved": set()}
     for opts in (plain, shuffled):
         uncached = CaptionedImages(dataset, "image", "text", ImageTransform(RES, center_crop=False, random_flip=True), seed=7,

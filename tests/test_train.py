@@ -41,7 +41,7 @@ def test_trains_on_each_dataset_kind(tiny, dataset_factory, tmp_path, kind):
     run_script(train_args(tiny, out, dataset=dataset, extra=["--rank", "2"]), launcher="accelerate")
     check_lora_file(out / LORA_WEIGHTS_NAME, rank=2)
     args = json.loads((out / "args.json").read_text())
-    assert args["dataset"] == dataset and args["rank"] == 2
+    assert args["data"]["dataset"] == dataset and args["lora"]["rank"] == 2
     info = json.loads((out / "training_info.json").read_text())
     assert info["global_step"] == 2 and info["base_model"] == tiny["prior"]
     card = (out / "README.md").read_text()
@@ -111,10 +111,10 @@ def test_only_lora_weights_change(tiny):
     """A few real optimiser steps through the script's own functions: base weights stay bit-identical."""
     args = trainer.parse_args(["--dataset", tiny["dataset"], "--pretrained_prior_model_name_or_path", tiny["prior"],
                                "--image_encoder", tiny["image_encoder"], "--rank", "4", "--learning_rate", "1e-2"])
-    prior, text_encoder, tokenizer, scheduler, image_encoder = trainer.load_frozen_models(args, "cpu", torch.float32)
+    prior, text_encoder, tokenizer, scheduler, image_encoder = trainer.load_frozen_models(args.model, "cpu", torch.float32)
     before = {k: v.clone() for k, v in prior.state_dict().items()}
-    _, params, _ = trainer.add_lora(prior, args)
-    opt = torch.optim.AdamW(params, lr=args.learning_rate)
+    _, params, _ = trainer.add_lora(prior, args.lora)
+    opt = torch.optim.AdamW(params, lr=args.optim.learning_rate)
     pixels = torch.randn(2, 3, 64, 64)
     emb = objective.encode_images(image_encoder, pixels)
     text = objective.encode_text(text_encoder, tokenizer, ["a", "b"], "cpu")

@@ -27,7 +27,8 @@ def test_held_out_loss_is_fixed_for_fixed_weights(tiny):
     image_encoder = load_image_encoder(tiny["image_encoder"])
     args = trainer.parse_args(["--dataset", tiny["dataset"], "--resolution", "64", "--train_batch_size", "3"])
     dataset, image_column, caption_column = load_training_dataset(tiny["dataset"])
-    held_out = HeldOutLoss(dataset.select(range(5)), image_column, caption_column, args,
+    held_out = HeldOutLoss(dataset.select(range(5)), (image_column, caption_column), args.data.resolution, args.data.caption_prefix,
+                           args.optim.train_batch_size, args.seed,
                            lambda px: objective.encode_images(image_encoder, px),
                            lambda c: objective.encode_text(text_encoder, tokenizer, c, "cpu"))
     prior.train()

@@ -35,7 +35,7 @@ def variant_args(tiny, *flags):
 def test_every_variant_loads_through_diffusers_unchanged(tiny, tmp_path, flags, n_modules):
     args = variant_args(tiny, *flags)
     prior, text_encoder, tokenizer, scheduler = load_prior_components(tiny["prior"])
-    config, params, names = trainer.add_lora(prior, args)
+    config, params, names = trainer.add_lora(prior, args.lora)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in params:
@@ -55,8 +55,8 @@ def test_every_variant_loads_through_diffusers_unchanged(tiny, tmp_path, flags, 
 
 
 def test_explicit_modules_override_presets(tiny):
-    assert variant_args(tiny, "--lora_targets", "all-linear", "--lora_target_modules", "to_q").lora_target_modules == ["to_q"]
-    assert variant_args(tiny).lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert variant_args(tiny, "--lora_targets", "all-linear", "--lora_target_modules", "to_q").lora.lora_target_modules == ("to_q",)
+    assert variant_args(tiny).lora.lora_target_modules == ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def test_loss_weights_follow_their_formulas(tiny):
@@ -104,7 +104,7 @@ def test_optimizers_take_a_step(tiny, optimizer):
     lr = "1.0" if optimizer == "prodigy" else "1e-2"
     args = variant_args(tiny, "--optimizer", optimizer, "--learning_rate", lr)
     param = torch.nn.Parameter(torch.ones(4, 4))
-    opt = trainer.make_optimizer(args, [param], "cpu")
+    opt = trainer.make_optimizer(args.optim, [param], "cpu")
     (param ** 2).sum().backward()
     opt.step()
     assert not torch.equal(param.detach(), torch.ones(4, 4))

@@ -70,23 +70,26 @@ def _stat_digest(path):
     return h.hexdigest()
 
 
-def cache_key(args, dataset, dtype, image_encoder_path):
-    prior = args.pretrained_prior_model_name_or_path
+def cache_key(model, data, dataset, columns, dtype, image_encoder_path, source=None):
+    """The cache folder's name: a digest of everything the cached embeddings depend on. `model`:
+    ModelConfig, `data`: DataConfig, `columns`: the (image, caption) columns in use, `source`: the
+    dataset's name or path (default --dataset)."""
+    prior, source = model.pretrained_prior_model_name_or_path, source or data.dataset
     parts = {
         "format": CACHE_FORMAT,
-        "dataset": args.dataset,
-        "dataset_files": _stat_digest(args.dataset),
+        "dataset": source,
+        "dataset_files": _stat_digest(source),
         "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
         "rows": len(dataset),
-        "columns": [args.image_column, args.caption_column],
-        "resolution": args.resolution,
-        "center_crop": args.center_crop,
-        "random_flip": args.random_flip,
-        "buckets": [args.aspect_ratio_buckets, args.bucket_max_upscale],
+        "columns": list(columns),
+        "resolution": data.resolution,
+        "center_crop": data.center_crop,
+        "random_flip": data.random_flip,
+        "buckets": [data.aspect_ratio_buckets, data.bucket_max_upscale],
         "image_encoder": _stat_digest(image_encoder_path),
-        "text_encoder": [prior, args.revision] + [_stat_digest(os.path.join(prior, sub)) for sub in ("text_encoder", "tokenizer")],
+        "text_encoder": [prior, model.revision] + [_stat_digest(os.path.join(prior, sub)) for sub in ("text_encoder", "tokenizer")],
         "dtype": str(dtype),
-        "texts": None if args.shuffle_tags else args.caption_prefix,  # cached texts include the prefix
+        "texts": None if data.shuffle_tags else data.caption_prefix,  # cached texts include the prefix
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -122,10 +125,10 @@ class _RowsToEncode(torch.utils.data.Dataset):
     """This process's rows as (index, pixels, flipped pixels or None, captions): decoded and resized in
     DataLoader workers while the encoders run on earlier batches."""
 
-    def __init__(self, dataset, indices, image_column, caption_column, args, captions, row_buckets):
+    def __init__(self, dataset, indices, columns, data, captions, row_buckets):
         self.dataset, self.indices = dataset, list(indices)
-        self.image_column, self.caption_column = image_column, caption_column
-        self.resolution, self.center_crop, self.random_flip = args.resolution, args.center_crop, args.random_flip
+        self.image_column, self.caption_column = columns
+        self.resolution, self.center_crop, self.random_flip = data.resolution, data.center_crop, data.random_flip
         self.captions, self.row_buckets = captions, row_buckets
 
     def __len__(self):
@@ -162,11 +165,12 @@ def _encode_batch(items, encode_image, encode_text, images, texts):
             texts[name] = embedding.cpu().contiguous()
 
 
-def build_cache(folder, dataset, image_column, caption_column, args, encode_image, encode_text, accelerator, captions=CaptionOptions(), row_buckets=None):
+def build_cache(folder, dataset, columns, data, cache, encode_image, encode_text, accelerator, captions=CaptionOptions(), row_buckets=None):
     """Encode this process's share of the dataset into `folder` (once), then wait for the others.
 
+    `columns`: (image column, caption column); `data`: DataConfig; `cache`: CacheConfig.
     encode_image(pixels [n,3,H,W]) -> [n,16,h,w]; encode_text(list of str) -> [n,77,d]. Rows are
-    decoded by `args.dataloader_num_workers` workers and encoded `args.cache_batch_size` at a time.
+    decoded by --dataloader_num_workers workers and encoded --cache_batch_size at a time.
     """
     from tqdm.auto import tqdm
 
@@ -176,8 +180,8 @@ def build_cache(folder, dataset, image_column, caption_column, args, encode_imag
         return folder
     os.makedirs(folder, exist_ok=True)
     images, texts = {}, {}
-    rows = _RowsToEncode(dataset, range(rank, len(dataset), world), image_column, caption_column, args, captions, row_buckets)
-    loader = torch.utils.data.DataLoader(rows, batch_size=args.cache_batch_size, num_workers=args.dataloader_num_workers, collate_fn=list)
+    rows = _RowsToEncode(dataset, range(rank, len(dataset), world), columns, data, captions, row_buckets)
+    loader = torch.utils.data.DataLoader(rows, batch_size=cache.cache_batch_size, num_workers=data.dataloader_num_workers, collate_fn=list)
     with tqdm(total=len(rows), desc="caching embeddings", disable=not accelerator.is_local_main_process) as bar:
         for items in loader:
             _encode_batch(items, encode_image, encode_text, images, texts)

@@ -109,11 +109,11 @@ def _load_from_file(path, cache_dir):
         raise UserError(f"--dataset {path}: could not be read as {builder} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
 
-def _load_from_hub(name, revision, cache_dir):
+def _load_from_hub(name, revision, cache_dir, config_name=None):
     import datasets
 
     try:
-        return datasets.load_dataset(name, revision=revision, split="train", cache_dir=cache_dir)
+        return datasets.load_dataset(name, config_name, revision=revision, split="train", cache_dir=cache_dir)
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
         raise UserError(
             f"--dataset {name}: not a local folder or file, and the hub dataset could not be loaded "
@@ -141,9 +141,10 @@ def _pick_column(dataset, requested, flag, candidates, want_image):
     raise UserError(f"no {kind} column found; pass {flag} (the dataset has: {', '.join(columns)})")
 
 
-def load_training_dataset(spec, image_column=None, caption_column=None, revision=None, cache_dir=None, stats=None):
+def load_training_dataset(spec, image_column=None, caption_column=None, revision=None, cache_dir=None, stats=None, config_name=None):
     """Returns (datasets.Dataset, image column, caption column) with the image column decoded to PIL
-    and the captions as text. `stats` (a dict), when given, receives what was converted or left out."""
+    and the captions as text. `stats` (a dict), when given, receives what was converted or left out.
+    `config_name`: a hub dataset's configuration (--dataset_config_name)."""
     if not spec:
         raise UserError("--dataset is required: a hub dataset name, a local folder, or a .jsonl/.csv/.parquet file")
     if os.path.isdir(spec):
@@ -153,7 +154,7 @@ def load_training_dataset(spec, image_column=None, caption_column=None, revision
     elif os.path.splitext(spec)[1].lower() in FILE_BUILDERS or spec.startswith((".", "/", "~")):
         raise UserError(f"--dataset {spec}: no such file or folder")
     else:
-        dataset = _load_from_hub(spec, revision, cache_dir)
+        dataset = _load_from_hub(spec, revision, cache_dir, config_name)
     if len(dataset) == 0:
         raise UserError(f"--dataset {spec}: the dataset is empty")
 

@@ -33,7 +33,7 @@ MUST_MATCH = (
     ("aspect_ratio_buckets", "--aspect_ratio_buckets"), ("train_batch_size", "--train_batch_size"),
     ("gradient_accumulation_steps", "--gradient_accumulation_steps"), ("num_processes", "the process count"),
     ("seed", "--seed"), ("repeats", "--repeats"), ("optimizer", "--optimizer"), ("use_ema", "--use_ema"),
-    ("distributed_type", "the distributed set-up"),
+    ("distributed_type", "the distributed set-up"), ("with_prior_preservation", "--with_prior_preservation"),
 )
 # Arguments never reported as changed on resume.
 NOT_REPORTED = {"resume_from_checkpoint", "discard_newer_checkpoints", "training_data"}
@@ -141,17 +141,17 @@ def release_run_lock():
         _remove_if_empty(created)
 
 
-def lock_output_dir(args, accelerator):
+def lock_output_dir(output_dir, accelerator):
     """The main process takes the lock (under several processes or machines only global rank 0);
     every process learns the outcome, so all stop together when it is refused."""
     message = None
     if accelerator.is_main_process:
         try:
-            acquire_run_lock(args.output_dir)
+            acquire_run_lock(output_dir)
         except UserError as e:
             message = str(e)
         except OSError as e:
-            message = write_failure_message(e, args) or f"cannot create {os.path.join(args.output_dir, LOCK_NAME)}: {e}"
+            message = write_failure_message(e, output_dir) or f"cannot create {os.path.join(output_dir, LOCK_NAME)}: {e}"
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -205,12 +205,11 @@ def disk_problem(folder):
     return None
 
 
-def write_failure_message(exc, args=None):
+def write_failure_message(exc, output_dir=None):
     """One line for a failed write (full disk, read-only or forbidden folder), or None."""
     code, filename = _write_errno(exc)
     if code is None:
         return None
-    output_dir = getattr(args, "output_dir", None)
     where = filename or output_dir or "the output folder"
     if code in (errno.ENOSPC, errno.EDQUOT):
         fix = "free some space or choose another --output_dir"
@@ -233,45 +232,38 @@ def _json_value(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def run_settings(args, accelerator):
-    """What a resume depends on, as recorded in trainer_state.json and compared on resume."""
-    return {
-        "rank": args.rank,
-        "lora_alpha": float(args.lora_alpha),
-        "lora_target_modules": sorted(args.lora_target_modules),
-        "use_dora": bool(args.use_dora),
-        "use_rslora": bool(args.use_rslora),
-        "resolution": args.resolution,
-        "aspect_ratio_buckets": bool(args.aspect_ratio_buckets),
-        "train_batch_size": args.train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "num_processes": accelerator.num_processes,
-        "seed": args.seed,
-        "repeats": args.repeats,
-        "optimizer": args.optimizer,
-        "use_ema": bool(args.use_ema),
-        "distributed_type": str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)),
-        "max_train_steps": args.max_train_steps,
-        "num_train_epochs": args.num_train_epochs,
-        "lr_scheduler": args.lr_scheduler,
-        "mixed_precision": args.mixed_precision,
-    }
+# The configuration fields a checkpoint cannot be resumed without: the adapter's shape, what a
+# sample and a step are, the optimiser state's kind, and the length of a decaying schedule.
+RESUME_FIELDS = ("rank", "lora_alpha", "lora_target_modules", "use_dora", "use_rslora", "resolution", "aspect_ratio_buckets",
+                 "train_batch_size", "gradient_accumulation_steps", "seed", "repeats", "optimizer", "use_ema",
+                 "max_train_steps", "num_train_epochs", "lr_scheduler", "mixed_precision", "with_prior_preservation")
 
 
-def checkpoint_state(args, accelerator, global_step):
-    """The content of checkpoint-N/trainer_state.json."""
+def run_settings(cfg, accelerator):
+    """What a resume depends on: RESUME_FIELDS of the configuration, and the process layout."""
+    flat = cfg.flat()
+    settings = {k: flat[k] for k in RESUME_FIELDS}
+    settings["lora_alpha"] = float(settings["lora_alpha"])
+    settings["lora_target_modules"] = sorted(settings["lora_target_modules"])
+    settings["num_processes"] = accelerator.num_processes
+    settings["distributed_type"] = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    return settings
+
+
+def checkpoint_state(cfg, training_data, accelerator, global_step):
+    """The content of checkpoint-N/trainer_state.json: the whole configuration, and the data's fingerprint."""
     return {
         "format": STATE_FORMAT,
         "global_step": global_step,
-        "seed": args.seed,
+        "seed": cfg.seed,
         "num_processes": accelerator.num_processes,
-        "settings": run_settings(args, accelerator),
-        "data": getattr(args, "training_data", None),
-        "args": _json_value({k: v for k, v in vars(args).items() if k != "training_data"}),
+        "settings": run_settings(cfg, accelerator),
+        "data": training_data,
+        "config": cfg.to_dict(),
     }
 
 
-def data_fingerprint(args, dataset):
+def data_fingerprint(source, dataset, columns):
     """The rows a run trains on, in order: each image's name (relative to the dataset) and size, or
     a hash of its bytes when the dataset holds them, and its caption(s). Cheap (no decoding; file
     sizes, not contents) and stable: moving the dataset folder keeps it, editing a caption or
@@ -279,13 +271,14 @@ def data_fingerprint(args, dataset):
     --validation_split or bucket selection."""
     import datasets
 
-    base = os.path.abspath(args.dataset) if os.path.exists(args.dataset) else None
+    image_column, caption_column = columns
+    base = os.path.abspath(source) if os.path.exists(source) else None
     if base and os.path.isfile(base):
         base = os.path.dirname(base)
     h = hashlib.sha256()
-    raw = dataset.cast_column(args.image_column, datasets.Image(decode=False)).select_columns([args.image_column, args.caption_column])
+    raw = dataset.cast_column(image_column, datasets.Image(decode=False)).select_columns([image_column, caption_column])
     for batch in raw.iter(batch_size=256):
-        for image, caption in zip(batch[args.image_column], batch[args.caption_column]):
+        for image, caption in zip(batch[image_column], batch[caption_column]):
             image = image if isinstance(image, dict) else {"path": image, "bytes": None}
             if image.get("bytes") is not None:
                 ident = "bytes:" + hashlib.blake2b(image["bytes"], digest_size=16).hexdigest()
@@ -298,7 +291,7 @@ def data_fingerprint(args, dataset):
                 name = os.path.relpath(path, base) if base and os.path.isabs(path) else os.path.basename(path)
                 ident = f"file:{name}:{size}"
             h.update(json.dumps([ident, caption], default=str).encode() + b"\n")
-    return {"dataset": args.dataset, "rows": len(dataset), "fingerprint": h.hexdigest()[:16]}
+    return {"dataset": source, "rows": len(dataset), "fingerprint": h.hexdigest()[:16]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +304,10 @@ class ResumePlan:
 
     @property
     def old_args(self):
-        return self.state.get("args") or {}
+        """The checkpoint's configuration as {field: value} (earlier versions recorded it flat, as "args")."""
+        from wuerstchen_lora.config import flatten_record
+
+        return flatten_record(self.state.get("config") or self.state.get("args"))
 
 
 def _damaged(path, name, why, earlier):
@@ -457,20 +453,20 @@ def _setting_errors(old, new):
     return changed
 
 
-def resume_path(args):
+def resume_path(output_dir, resume_from_checkpoint, discard_newer_checkpoints=False):
     """The checkpoint folder --resume_from_checkpoint names ('latest': the newest complete one in
     --output_dir), or None without the flag; a missing or incomplete one is a UserError. Called by
-    the argument checks (before anything is written) and by plan_resume."""
-    if not args.resume_from_checkpoint:
-        if args.discard_newer_checkpoints:
+    the flag checks (before anything is written) and by plan_resume."""
+    if not resume_from_checkpoint:
+        if discard_newer_checkpoints:
             raise UserError("--discard_newer_checkpoints only goes with --resume_from_checkpoint (it deletes the checkpoints newer than the one resumed)")
         return None
-    if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(args.output_dir)
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
         if not found:
-            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N in {args.output_dir}; start without the flag")
+            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N in {output_dir}; start without the flag")
         return found[-1][1]
-    path = args.resume_from_checkpoint
+    path = resume_from_checkpoint
     if not os.path.isdir(path):
         raise UserError(f"--resume_from_checkpoint {path}: no such folder; give a checkpoint-N folder or 'latest'")
     if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
@@ -479,12 +475,13 @@ def resume_path(args):
     return path
 
 
-def plan_resume(args, accelerator):
+def plan_resume(cfg, accelerator):
     """Resolve --resume_from_checkpoint and check it against this run, reading only small files.
     Returns None (no resume) or a ResumePlan; raises UserError with one line otherwise."""
     from wuerstchen_lora.outputs import sharded_engine
 
-    path = resume_path(args)
+    out, optim = cfg.output, cfg.optim
+    path = resume_path(out.output_dir, out.resume_from_checkpoint, out.discard_newer_checkpoints)
     if path is None:
         return None
     sharded = sharded_engine(accelerator)
@@ -493,49 +490,49 @@ def plan_resume(args, accelerator):
         raise _damaged(path, problem[0], problem[1], earlier_readable_checkpoint(path, sharded))
     state, _ = read_state(path)
     step = state["global_step"]
-    if args.max_train_steps is not None and args.max_train_steps < step:
+    if optim.max_train_steps is not None and optim.max_train_steps < step:
         old_max = (state.get("settings") or {}).get("max_train_steps")
-        raise UserError(f"--max_train_steps {args.max_train_steps} is below the step of {path} ({step}), so the run would already be over; "
-                        f"give --max_train_steps {old_max or step} (the checkpoint's)" + (" or more" if args.lr_scheduler in LENGTH_FREE_SCHEDULES else ""))
+        raise UserError(f"--max_train_steps {optim.max_train_steps} is below the step of {path} ({step}), so the run would already be over; "
+                        f"give --max_train_steps {old_max or step} (the checkpoint's)" + (" or more" if optim.lr_scheduler in LENGTH_FREE_SCHEDULES else ""))
     old = state.get("settings") or _old_settings(path, state)
-    changed = _setting_errors(old, run_settings(args, accelerator))
+    changed = _setting_errors(old, run_settings(cfg, accelerator))
     if changed:
         raise UserError(f"{path} was trained with other settings: {'; '.join(changed)}. Resume with the checkpoint's settings, "
                         f"or start a new run (without --resume_from_checkpoint, in another --output_dir)")
-    newer = [p for s, p in list_checkpoints(args.output_dir) if s > step]
-    if newer and not args.discard_newer_checkpoints:
+    newer = [p for s, p in list_checkpoints(out.output_dir) if s > step]
+    if newer and not out.discard_newer_checkpoints:
         names = ", ".join(os.path.basename(p) for p in newer)
-        raise UserError(f"--resume_from_checkpoint {path} is at step {step}, but {args.output_dir} holds newer checkpoints ({names}) "
+        raise UserError(f"--resume_from_checkpoint {path} is at step {step}, but {out.output_dir} holds newer checkpoints ({names}) "
                         f"that 'latest' would pick over this run's; resume with --resume_from_checkpoint latest, "
                         f"or add --discard_newer_checkpoints to delete them")
     return ResumePlan(path, step, state, newer)
 
 
-def check_training_data(plan, args, dataset):
-    """After the data is loaded and checked (before models): record its fingerprint, and refuse
-    to resume a checkpoint trained on other data."""
-    args.training_data = data_fingerprint(args, dataset)
+def check_training_data(plan, source, dataset, columns):
+    """After the data is loaded and checked (before models): its fingerprint, to record; a
+    checkpoint trained on other data is refused."""
+    new = data_fingerprint(source, dataset, columns)
     old = plan.state.get("data") if plan is not None else None
-    if old and old.get("fingerprint") != args.training_data["fingerprint"]:
-        new = args.training_data
+    if old and old.get("fingerprint") != new["fingerprint"]:
         raise UserError(
             f"{plan.path} was trained on other data: --dataset {old.get('dataset')} with {old.get('rows')} images "
             f"(now {new['dataset']} with {new['rows']} images; fingerprint {old.get('fingerprint')} -> {new['fingerprint']}). "
             f"Resume with the same data and selection (--dataset, --max_train_samples, --validation_split, --bucket_max_upscale), "
             f"or start a new run in another --output_dir"
         )
+    return new
 
 
-def guard_run(args, accelerator):
+def guard_run(cfg, accelerator):
     """At the start of setup: the lock, then the resume checks. Returns the ResumePlan (or None)."""
-    lock_output_dir(args, accelerator)
-    return plan_resume(args, accelerator)
+    lock_output_dir(cfg.output.output_dir, accelerator)
+    return plan_resume(cfg, accelerator)
 
 
-def changed_settings(plan, args):
-    """'--flag old -> new' for every argument that differs from the checkpoint's (the safe ones:
-    anything that mattered was refused before)."""
+def changed_settings(plan, cfg):
+    """'--flag old -> new' for every configuration field that differs from the checkpoint's, field
+    by field (the safe ones: anything that mattered was refused before)."""
     old_args = plan.old_args
-    new_args = _json_value({k: v for k, v in vars(args).items() if k not in NOT_REPORTED})
+    new_args = _json_value({k: v for k, v in cfg.flat().items() if k not in NOT_REPORTED})
     return [f"--{k} {_show(old_args[k])} -> {_show(v)}" for k, v in sorted(new_args.items())
             if k in old_args and k not in NOT_REPORTED and old_args[k] != v]

@@ -8,6 +8,7 @@ renamed into place once complete, so `latest` never picks a half-written one.
 import os
 import re
 import shutil
+import sys
 
 import torch
 
@@ -95,17 +96,18 @@ def register_lora_checkpoint_hooks(accelerator, prior, lora_config, info):
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, args, global_step):
+def save_checkpoint(accelerator, cfg, training_data, global_step):
     """accelerate state (LoRA via the hook, optimiser, LR schedule, grad scaler, RNG) into checkpoint-N,
-    with trainer_state.json recording what a resume depends on (run_guard.checkpoint_state).
+    with trainer_state.json recording the configuration and data a resume depends on (guard.checkpoint_state).
 
     Written under a temporary name and renamed once complete, so `latest` never picks a half-written
     one; a failed write (a full disk) removes the temporary folder and leaves every earlier file.
     """
     from wuerstchen_lora.guard import checkpoint_state, disk_problem
 
-    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{global_step}")
+    output_dir = cfg.output.output_dir
+    final = os.path.join(output_dir, f"checkpoint-{global_step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{global_step}")
     if accelerator.is_main_process and os.path.isdir(tmp):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
@@ -113,7 +115,7 @@ def save_checkpoint(accelerator, args, global_step):
         accelerator.save_state(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            atomic_write_json(os.path.join(tmp, TRAINER_STATE_NAME), checkpoint_state(args, accelerator, global_step))
+            atomic_write_json(os.path.join(tmp, TRAINER_STATE_NAME), checkpoint_state(cfg, training_data, accelerator, global_step))
             replace_folder(tmp, final)
     except Exception as e:
         # torch.save says only "unexpected pos ..." on a full disk: look before the partial files go.
@@ -123,8 +125,8 @@ def save_checkpoint(accelerator, args, global_step):
         if problem:
             raise OSError(problem, os.strerror(problem), final) from e
         raise
-    if accelerator.is_main_process and args.checkpoints_total_limit:
-        prune_checkpoints(args.output_dir, args.checkpoints_total_limit, global_step)
+    if accelerator.is_main_process and cfg.output.checkpoints_total_limit:
+        prune_checkpoints(output_dir, cfg.output.checkpoints_total_limit, global_step)
     accelerator.wait_for_everyone()
     return final
 
@@ -150,7 +152,7 @@ def prune_checkpoints(output_dir, limit, current_step):
         shutil.rmtree(old)
 
 
-def resume_checkpoint(run, args):
+def resume_checkpoint(run, cfg):
     """Load the checkpoint run_guard.plan_resume checked; returns the global step it was saved at.
 
     Settings that are safe to change take effect (a new learning rate, AdamW hyperparameters and
@@ -163,7 +165,7 @@ def resume_checkpoint(run, args):
     path, step = plan.path, plan.step
     if step > run.max_steps:
         raise UserError(f"{path} is at step {step}, past the {run.max_steps} steps this run is set to "
-                        f"(--num_train_epochs {args.num_train_epochs}); give --max_train_steps {step} or more")
+                        f"(--num_train_epochs {cfg.optim.num_train_epochs}); give --max_train_steps {step} or more")
     try:
         accelerator.load_state(path)
     except UserError:
@@ -173,14 +175,14 @@ def resume_checkpoint(run, args):
         fix = (f"resume from {earlier} instead (--resume_from_checkpoint {earlier} --discard_newer_checkpoints)" if earlier
                else "start without --resume_from_checkpoint")
         raise UserError(f"{path} could not be loaded ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}); {fix}") from e
-    apply_changed_hyperparameters(run, args, plan.old_args)
+    apply_changed_hyperparameters(run, cfg.optim, plan.old_args)
     if plan.newer and accelerator.is_main_process:
         for newer in plan.newer:
             shutil.rmtree(newer, ignore_errors=True)
         accelerator.print(f"--discard_newer_checkpoints: deleted {', '.join(os.path.basename(p) for p in plan.newer)}")
     accelerator.wait_for_everyone()
     accelerator.print(f"resumed from {path} at step {step}")
-    changes = changed_settings(plan, args)
+    changes = changed_settings(plan, cfg)
     if changes:
         accelerator.print(f"changed since {os.path.basename(os.path.normpath(path))} (safe to change): {'; '.join(changes)}")
     if step >= run.max_steps:
@@ -188,66 +190,70 @@ def resume_checkpoint(run, args):
     return step
 
 
-def apply_changed_hyperparameters(run, args, old):
+def apply_changed_hyperparameters(run, optim, old):
     """Make changed optimiser settings count: load_state restores the optimiser's param groups and
-    the schedule's base learning rates from the checkpoint, which would silently keep the old ones."""
+    the schedule's base learning rates from the checkpoint, which would silently keep the old ones.
+    `optim`: this run's OptimConfig; `old`: the checkpoint's configuration, {field: value}."""
     def changed(*keys):
-        return any(k in old and old[k] != getattr(args, k) for k in keys)
+        return any(k in old and old[k] != getattr(optim, k) for k in keys)
 
     groups = run.optimizer.param_groups
     if changed("learning_rate"):
         schedule = getattr(run.lr_scheduler, "scheduler", run.lr_scheduler)
         if hasattr(schedule, "lr_lambdas") and hasattr(schedule, "base_lrs"):
-            schedule.base_lrs = [args.learning_rate for _ in schedule.base_lrs]
+            schedule.base_lrs = [optim.learning_rate for _ in schedule.base_lrs]
             lrs = [base * fn(schedule.last_epoch) for base, fn in zip(schedule.base_lrs, schedule.lr_lambdas)]
             schedule._last_lr = list(lrs)
         else:
-            lrs = [args.learning_rate] * len(groups)
+            lrs = [optim.learning_rate] * len(groups)
         for group, lr in zip(groups, lrs):
-            group["lr"], group["initial_lr"] = lr, args.learning_rate
+            group["lr"], group["initial_lr"] = lr, optim.learning_rate
     updates = []
     if changed("adam_weight_decay"):
-        updates.append(("weight_decay", args.adam_weight_decay))
+        updates.append(("weight_decay", optim.adam_weight_decay))
     if changed("adam_epsilon"):
-        updates.append(("eps", args.adam_epsilon))
+        updates.append(("eps", optim.adam_epsilon))
     if changed("adam_beta1", "adam_beta2"):
-        updates.append(("betas", (args.adam_beta1, args.adam_beta2)))
+        updates.append(("betas", (optim.adam_beta1, optim.adam_beta2)))
     for key, value in updates:
         for group in groups:
             current = group.get(key)
             if isinstance(current, float) and isinstance(value, float) or isinstance(current, tuple) and len(current) == len(value):
                 group[key] = value
     if changed("ema_decay") and getattr(run, "ema", None) is not None:
-        run.ema.decay = args.ema_decay
+        run.ema.decay = optim.ema_decay
 
 
-def model_card(args, info):
+def model_card(cfg, info, images_markdown="", widget=None):
     """The README.md of the output folder: huggingface_hub's card metadata (the YAML header the hub
     reads), then what was trained and how to use it."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(base_model=args.pretrained_prior_model_name_or_path, library_name="diffusers", license="mit",
-                         tags=["wuerstchen", "text-to-image", "diffusers", "diffusers-training", "lora"], inference=True)
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + model_card_body(args, info)))
+    data = ModelCardData(base_model=cfg.model.pretrained_prior_model_name_or_path, library_name="diffusers", license="mit",
+                         tags=["wuerstchen", "text-to-image", "diffusers", "diffusers-training", "lora"], inference=True,
+                         **({"widget": widget} if widget else {}))
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + model_card_body(cfg, info) + (f"\n{images_markdown}\n" if images_markdown else "")))
 
 
-def model_card_body(args, info):
-    prompts = args.validation_prompts or ["a photo"]
+def model_card_body(cfg, info):
+    model, lora, optim = cfg.model, cfg.lora, cfg.optim
+    prompts = cfg.validation.validation_prompts or [cfg.subject.instance_prompt or "a photo"]
+    trained_on = cfg.data.dataset or f"{cfg.subject.instance_data_dir} (subject: \"{cfg.subject.instance_prompt}\")"
     return f"""
 # Wuerstchen prior LoRA
 
-A LoRA adapter for the Wuerstchen v2 prior (Stage C) `{args.pretrained_prior_model_name_or_path}`, trained with
-`train_wuerstchen_prior_lora.py` on `{args.dataset}`.
+A LoRA adapter for the Wuerstchen v2 prior (Stage C) `{model.pretrained_prior_model_name_or_path}`, trained with
+`train_wuerstchen_prior_lora.py` on `{trained_on}`.
 
 | setting | value |
 | --- | --- |
-| rank / alpha | {args.rank} / {args.lora_alpha:g} |
-| target modules | {", ".join(args.lora_target_modules)} |
-| training resolution | {args.resolution} px (generate at {info["output_size"]} px) |
+| rank / alpha | {lora.rank} / {lora.lora_alpha:g} |
+| target modules | {", ".join(lora.lora_target_modules)} |
+| training resolution | {cfg.data.resolution} px (generate at {info["output_size"]} px) |
 | steps | {info["global_step"]} |
-| batch (per process x processes x accumulation) | {args.train_batch_size} x {info["num_processes"]} x {args.gradient_accumulation_steps} |
-| learning rate | {args.learning_rate:g} ({args.lr_scheduler}) |
-| mixed precision | {args.mixed_precision} |
+| batch (per process x processes x accumulation) | {optim.train_batch_size} x {info["num_processes"]} x {optim.gradient_accumulation_steps} |
+| learning rate | {optim.learning_rate:g} ({optim.lr_scheduler}) |
+| mixed precision | {optim.mixed_precision} |
 
 ## Use
 
@@ -269,21 +275,21 @@ def parts(repo, **models):
     return dict(loaded, tokenizer=CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer"),
                 scheduler=DDPMWuerstchenScheduler.from_pretrained(repo, subfolder="scheduler"))
 
-prior = WuerstchenPriorPipeline(**parts("{args.pretrained_prior_model_name_or_path}", prior=WuerstchenPrior, text_encoder=CLIPTextModel)).to("cuda")
+prior = WuerstchenPriorPipeline(**parts("{model.pretrained_prior_model_name_or_path}", prior=WuerstchenPrior, text_encoder=CLIPTextModel)).to("cuda")
 prior.load_lora_weights("path/to/this/folder")
-decoder = WuerstchenDecoderPipeline(**parts("{args.pretrained_decoder_model_name_or_path}", decoder=WuerstchenDiffNeXt, vqgan=PaellaVQModel, text_encoder=CLIPTextModel)).to("cuda")
+decoder = WuerstchenDecoderPipeline(**parts("{model.pretrained_decoder_model_name_or_path}", decoder=WuerstchenDiffNeXt, vqgan=PaellaVQModel, text_encoder=CLIPTextModel)).to("cuda")
 embeddings = prior("{prompts[0]}", height={info["output_size"]}, width={info["output_size"]}, guidance_scale=4.0).image_embeddings
 image = decoder(embeddings, prompt="{prompts[0]}").images[0]
 ```
 """
 
 
-def write_outputs(run, args, info):
+def write_outputs(run, cfg, info):
     """The final LoRA file, training_info.json, args.json and the model card, written by the main
     process alone, after checking that every process holds the same LoRA weights."""
     from accelerate.utils import gather_object
 
-    accelerator = run.accelerator
+    accelerator, output_dir = run.accelerator, cfg.output.output_dir
     state = gathered_lora_state(accelerator, run.prior, run.unwrapped)
     if accelerator.num_processes > 1 and not sharded_engine(accelerator):
         from peft.utils import get_peft_model_state_dict
@@ -294,31 +300,48 @@ def write_outputs(run, args, info):
         accelerator.print(f"LoRA weights identical on all {accelerator.num_processes} processes (sha256 {digests[0][:16]})")
     if not accelerator.is_main_process:
         return
-    path = save_lora_file(args.output_dir, state, lora_config_dict(run.lora_config))
-    save_peft_adapter(os.path.join(args.output_dir, PEFT_ADAPTER_DIR), state, run.lora_config)
+    path = save_lora_file(output_dir, state, lora_config_dict(run.lora_config))
+    save_peft_adapter(os.path.join(output_dir, PEFT_ADAPTER_DIR), state, run.lora_config)
     if run.ema is not None:
         from peft.utils import get_peft_model_state_dict
 
         # Shadow weights under the trainable parameters' names, then peft's naming as for the raw file.
         shadow = dict(zip(run.param_names, run.ema.shadow_params))
-        save_lora_file(args.output_dir, get_peft_model_state_dict(run.unwrapped, state_dict=shadow), lora_config_dict(run.lora_config), EMA_WEIGHTS_NAME)
-    atomic_write_json(os.path.join(args.output_dir, TRAINING_INFO_NAME), info)
-    atomic_write_json(os.path.join(args.output_dir, "args.json"), vars(args))
-    atomic_write_bytes(os.path.join(args.output_dir, "README.md"), model_card(args, info).encode())
+        save_lora_file(output_dir, get_peft_model_state_dict(run.unwrapped, state_dict=shadow), lora_config_dict(run.lora_config), EMA_WEIGHTS_NAME)
+    atomic_write_json(os.path.join(output_dir, TRAINING_INFO_NAME), info)
+    atomic_write_json(os.path.join(output_dir, "args.json"), cfg.to_dict())
+    markdown, widget = card_images(output_dir, info, cfg.validation.validation_prompts)
+    atomic_write_bytes(os.path.join(output_dir, "README.md"), model_card(cfg, info, markdown, widget).encode())
     # A plain print: only the process that really wrote the files says so.
     print(f"process {accelerator.process_index} wrote {path}", flush=True)
 
 
-def training_info(args, accelerator, lora_config, global_step, trainable, total):
+def card_images(output_dir, info, prompts):
+    """The loss curve and the last validation images' grid for the model card (report.py): drawn
+    after the LoRA and training_info.json are safely written, so a plotting failure costs a picture,
+    never the run's files."""
+    from wuerstchen_lora.report import write_card_images
+
+    try:
+        markdown, widget, notes = write_card_images(output_dir, info, prompts)
+    except Exception as e:  # matplotlib or PIL trouble: the card goes without pictures
+        print(f"warning: the model card's pictures could not be drawn ({type(e).__name__}: {str(e)[:150]})", file=sys.stderr)
+        return "", None
+    for line in notes:
+        print(line, flush=True)
+    return markdown, widget
+
+
+def training_info(cfg, accelerator, lora_config, global_step, trainable, total):
     import diffusers
     import peft
 
     return {
-        "base_model": args.pretrained_prior_model_name_or_path,
-        "revision": args.revision,
-        "decoder_model": args.pretrained_decoder_model_name_or_path,
-        "resolution": args.resolution,
-        "output_size": output_size_for_training_resolution(args.resolution),
+        "base_model": cfg.model.pretrained_prior_model_name_or_path,
+        "revision": cfg.model.revision,
+        "decoder_model": cfg.model.pretrained_decoder_model_name_or_path,
+        "resolution": cfg.data.resolution,
+        "output_size": output_size_for_training_resolution(cfg.data.resolution),
         "lora": lora_config_dict(lora_config),
         "global_step": global_step,
         "num_processes": accelerator.num_processes,
@@ -328,7 +351,7 @@ def training_info(args, accelerator, lora_config, global_step, trainable, total)
     }
 
 
-HUB_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors", "README.md", "training_info.json",
+HUB_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors", "README.md", "training_info.json", "loss_curve.png", "validation_grid.png",
              "args.json", "peft_adapter/adapter_config.json", "peft_adapter/adapter_model.safetensors")
 
 
@@ -342,20 +365,21 @@ def hub_upload_plan(output_dir):
     return files
 
 
-def push_to_hub(args):
-    """Upload the plan above to --hub_model_id (a token comes from `huggingface-cli login` or HF_TOKEN)."""
+def push_to_hub(hub, output_dir):
+    """Upload the plan above to --hub_model_id (`hub`: HubConfig). The token is --hub_token, else
+    what `huggingface-cli login` or HF_TOKEN gives huggingface_hub."""
     from huggingface_hub import HfApi
     from huggingface_hub.constants import HF_HUB_OFFLINE
 
-    later = f"the files are in {args.output_dir}; upload them later with `huggingface-cli upload {args.hub_model_id} {args.output_dir}`"
+    later = f"the files are in {output_dir}; upload them later with `huggingface-cli upload {hub.hub_model_id} {output_dir}`"
     if HF_HUB_OFFLINE:
         raise UserError(f"--push_to_hub: the hub is switched off here (HF_HUB_OFFLINE=1); {later}")
-    files = hub_upload_plan(args.output_dir)
+    files = hub_upload_plan(output_dir)
     try:
-        api = HfApi()
-        api.create_repo(args.hub_model_id, exist_ok=True)
-        api.upload_folder(repo_id=args.hub_model_id, folder_path=args.output_dir, allow_patterns=files,
+        api = HfApi(token=hub.hub_token)
+        api.create_repo(hub.hub_model_id, exist_ok=True)
+        api.upload_folder(repo_id=hub.hub_model_id, folder_path=output_dir, allow_patterns=files,
                           commit_message="Upload Wuerstchen prior LoRA")
     except Exception as e:  # network, authentication and permission errors all leave the same remedy
-        raise UserError(f"--push_to_hub {args.hub_model_id} failed ({type(e).__name__}: {str(e).splitlines()[0][:150]}); {later}") from e
-    print(f"uploaded {len(files)} files to https://huggingface.co/{args.hub_model_id}")
+        raise UserError(f"--push_to_hub {hub.hub_model_id} failed ({type(e).__name__}: {str(e).splitlines()[0][:150]}); {later}") from e
+    print(f"uploaded {len(files)} files to https://huggingface.co/{hub.hub_model_id}")

@@ -11,11 +11,11 @@ import random
 import re
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Optional
 
 import torch
 
-from wuerstchen_lora.guard import resume_path
+from wuerstchen_lora.config import TrainConfig
 from wuerstchen_lora.models import (
     DEFAULT_DECODER,
     DEFAULT_LORA_TARGETS,
@@ -110,12 +110,16 @@ def add_model_flags(p):
     g.add_argument("--lora_target_modules", default=None, help="explicit comma-separated module names (overrides --lora_targets), e.g. to_q,to_k,to_v,to_out.0")
     g.add_argument("--use_dora", action="store_true", help="weight-decomposed LoRA (DoRA, peft)")
     g.add_argument("--use_rslora", action="store_true", help="rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r (peft)")
+    g.add_argument("--init_lora", default=None, metavar="PATH_OR_REPO",
+                   help="start from an existing prior LoRA (a .safetensors file, a training output folder or a hub repo): a warm start with a fresh optimiser, "
+                        "not a resume; rank, alpha and targets come from the file")
 
 
 def add_data_flags(p):
     """Datasets, augmentation, captions and the embedding cache."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", "--dataset_name", "--train_data_dir", dest="dataset", default=None, help="hub dataset, local folder (imagefolder or images + .txt captions) or .jsonl/.csv/.parquet file")
+    g.add_argument("--dataset_config_name", default=None, help="the configuration of a hub dataset that has several (passed to datasets.load_dataset)")
     g.add_argument("--image_column", default=None, help="default: detected")
     g.add_argument("--caption_column", default=None, help="default: detected")
     g.add_argument("--max_train_samples", type=POSITIVE_INT, default=None, help="use only this many samples (shuffled with --seed)")
@@ -140,6 +144,15 @@ def add_data_flags(p):
     cache.add_argument("--no_cache_embeddings", dest="cache_embeddings", action="store_false", help="run EfficientNet and CLIP on every step (pixel-exact random crops)")
     g.add_argument("--embeddings_cache_dir", default=None, help="where the cache lives (default: OUTPUT_DIR/embeddings_cache); share one between runs")
     g.add_argument("--cache_batch_size", type=POSITIVE_INT, default=8, help="images encoded per EfficientNet call while the cache is built (images of one size go together); lower it if caching runs out of memory")
+
+    g = p.add_argument_group("subject training (DreamBooth-style; the names of diffusers' DreamBooth scripts)")
+    g.add_argument("--instance_data_dir", default=None, help="a folder of images of one subject, without captions (instead of --dataset)")
+    g.add_argument("--instance_prompt", default=None, help='the caption of every instance image, e.g. "a photo of sks dog"')
+    g.add_argument("--with_prior_preservation", action="store_true", help="also train on class examples, so that the class keeps its look")
+    g.add_argument("--class_prompt", default=None, help='the class, e.g. "a photo of a dog"')
+    g.add_argument("--class_data_dir", default=None, help="real class images (used first); missing ones are generated as image embeddings by the base prior")
+    g.add_argument("--num_class_images", type=POSITIVE_INT, default=100, help="class examples to train with")
+    g.add_argument("--prior_loss_weight", type=NON_NEGATIVE, default=1.0, help="weight of the class loss")
 
 
 def add_optimisation_flags(p):
@@ -188,32 +201,37 @@ def add_output_flags(p):
     g.add_argument("--discard_newer_checkpoints", action="store_true", help="with --resume_from_checkpoint an older checkpoint: delete the newer checkpoint-N folders in --output_dir (without it such a resume is refused)")
     g.add_argument("--push_to_hub", action="store_true", help="upload the LoRA, model card and validation images when training ends (log in with `huggingface-cli login` first)")
     g.add_argument("--hub_model_id", default=None, help="hub repo for --push_to_hub (default: the --output_dir folder's name)")
+    g.add_argument("--hub_token", default=None, help="a token for the upload only, never written anywhere; prefer HF_TOKEN or `huggingface-cli login`")
 
     g = p.add_argument_group("validation and logging")
-    g.add_argument("--validation_prompts", nargs="+", default=None, help="prompts rendered with the LoRA attached")
-    g.add_argument("--validation_steps", type=POSITIVE_INT, default=100, help="render the validation prompts every N steps (and at the end)")
+    g.add_argument("--validation_prompts", "--validation_prompt", dest="validation_prompts", nargs="+", default=None, help="prompts rendered with the LoRA attached")
+    g.add_argument("--validation_steps", type=POSITIVE_INT, default=None, help="render the validation prompts every N steps (and at the end); default 100")
+    g.add_argument("--validation_epochs", type=POSITIVE_INT, default=None, help="instead of --validation_steps: every N epochs (the diffusers example's flag)")
     g.add_argument("--validation_split", type=PROBABILITY, default=0.0, help="hold out this fraction of the dataset for a validation loss (fixed noise and timesteps)")
     g.add_argument("--validation_dataset", default=None, help="a separate held-out dataset (same formats as --dataset) for the validation loss")
-    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
+    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "comet_ml", "all", "none"], help="all: every tracker that is installed")
+    g.add_argument("--tracker_project_name", default="wuerstchen-prior-lora", help="the project name the trackers log under")
+    g.add_argument("--local_rank", type=int, default=-1, help="accepted for older launchers and ignored: the process's place comes from the environment accelerate sets")
     g.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
     g.add_argument("--logging_steps", type=POSITIVE_INT, default=10, help="read losses back from the GPU every N steps (every step is still logged); the only wait for the GPU between checkpoints")
 
 
 def parse_args(argv=None):
+    """The command line as a frozen TrainConfig (config.py), checked and resolved."""
     p = ArgumentParser(description="Train a LoRA adapter on the Wuerstchen v2 prior (Stage C) and write pytorch_lora_weights.safetensors.", allow_abbrev=False)
     for add_flags in (add_model_flags, add_data_flags, add_optimisation_flags, add_output_flags):
         add_flags(p)
-    args = p.parse_args(attach_negative_numbers(p, argv))
-    check_args(args)
-    return args
+    argv = attach_negative_numbers(p, argv)
+    given = {a.dest for a in p._actions for s in a.option_strings for word in argv if word == s or word.startswith(s + "=")}
+    return build_config(p.parse_args(argv), given)
 
 
 def attach_negative_numbers(parser, argv):
     """`--learning_rate -1e-4` as `--learning_rate=-1e-4`, for every int and float flag.
 
     argparse reads a value that starts with '-' as an option unless it looks like -1 or -0.5, so
-    -1e-4, -1. or -inf would fail with "expected one argument". Attached, the value reaches
-    check_args, which says what is wrong with it."""
+    -1e-4, -1. or -inf would fail with "expected one argument". Attached, the value reaches its
+    argparse type, which says what is wrong with it."""
     numeric = {s for a in parser._actions if (a.type in (int, float) or getattr(a.type, "numeric", False)) for s in a.option_strings}
     argv, out, i = list(sys.argv[1:] if argv is None else argv), [], 0
     while i < len(argv):
@@ -238,6 +256,12 @@ def warn(message):
     """A one-line `warning: ...` on stderr, from the main process only (before accelerate exists)."""
     if os.environ.get("RANK", "0") == "0":
         print(f"warning: {message}", file=sys.stderr)
+
+
+def note(message):
+    """A `note: ...` line on stdout, from the main process only (before accelerate exists)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
 
 
 def inside(path, folder):
@@ -271,7 +295,7 @@ def read_prior_config(path, revision=None, download=False):
     return config if isinstance(config, dict) else None
 
 
-def check_lora_rank(args, config):
+def check_lora_rank(rank, targets, config):
     """--rank against the width (the smaller side) of each adapted Linear layer, read from the
     prior's config. A rank above a layer's width cannot raise the rank of its update, only add
     parameters: an error when that holds for every adapted layer (nothing is low-rank any more: a
@@ -282,68 +306,130 @@ def check_lora_rank(args, config):
     c, c_cond, c_r = config["c"], config["c_cond"], config["c_r"]
     widths = {"to_q": c, "to_k": c, "to_v": c, "to_out.0": c, "channelwise.0": c, "channelwise.4": c,
               "kv_mapper.1": min(c_cond, c), "mapper": min(c_r, 2 * c), "cond_mapper.0": min(c_cond, c), "cond_mapper.2": c}
-    adapted = {t: w for t in args.lora_target_modules for name, w in widths.items() if t == name or t.endswith("." + name)}
-    narrow = sorted(t for t, w in adapted.items() if args.rank > w)
+    adapted = {t: w for t in targets for name, w in widths.items() if t == name or t.endswith("." + name)}
+    narrow = sorted(t for t, w in adapted.items() if rank > w)
     if not narrow:
         return
     widest = max(adapted.values())
     if len(narrow) == len(adapted):
-        raise UserError(f"--rank {args.rank} is larger than every adapted layer is wide (at most {widest} features, prior config c={c}): "
+        raise UserError(f"--rank {rank} is larger than every adapted layer is wide (at most {widest} features, prior config c={c}): "
                         f"the update cannot exceed rank {widest}, the extra rank only adds parameters; use --rank {widest} or less")
-    warn(f"--rank {args.rank} is larger than {', '.join(f'{t} ({adapted[t]} wide)' for t in narrow)}: "
+    warn(f"--rank {rank} is larger than {', '.join(f'{t} ({adapted[t]} wide)' for t in narrow)}: "
          "those layers' updates stay at their width, the extra rank there only adds parameters")
 
 
-def check_args(args):
-    """Cross-flag checks, before anything heavy is loaded."""
-    # Ranges, positivity and finiteness of single flags are checked by their argparse types (number()).
-    if args.keep_tokens and not args.shuffle_tags:
+def build_config(ns, given=()):
+    """Check the parsed flags across each other and resolve what they leave open (alpha, targets,
+    optimiser, precision, compilation, hub repo), then freeze them into a TrainConfig. `given`: the
+    flags typed on the command line (a warm start's file must agree with those). Nothing heavy loads
+    here; ranges of single flags were checked by their argparse types (number())."""
+    from wuerstchen_lora.config import from_values
+
+    v = vars(ns).copy()
+    v.pop("local_rank")  # older launchers pass it; the environment accelerate sets decides
+    check_data_flags(v)
+    resolve_lora_flags(v, given)
+    check_output_flags(v)
+    resolve_optimiser_flags(v)
+    if v["push_to_hub"] and not v["hub_model_id"]:
+        v["hub_model_id"] = os.path.basename(os.path.abspath(v["output_dir"]))
+    if v["hub_token"]:
+        warn("--hub_token is used for the upload only and never written anywhere, but it shows in your shell history and process list; prefer HF_TOKEN or `huggingface-cli login`")
+    if v["validation_epochs"] and v["validation_steps"]:
+        raise UserError("--validation_steps and --validation_epochs both say how often to validate; give one")
+    if not v["validation_epochs"] and not v["validation_steps"]:
+        v["validation_steps"] = 100
+    return from_values(v)
+
+
+def check_data_flags(v):
+    if v["keep_tokens"] and not v["shuffle_tags"]:
         raise UserError("--keep_tokens N only means something with --shuffle_tags")
-    if args.resolution % 32:
-        raise UserError(f"--resolution {args.resolution} is not a multiple of 32 (EfficientNet stride); use {max(32, round(args.resolution / 32) * 32)}")
-    if args.lora_alpha is None:
-        args.lora_alpha = float(args.rank)
-    if args.torch_compile:
-        check_compile_backend(args.torch_compile_backend, args.torch_compile)
-    if args.lora_target_modules is None:
-        args.lora_target_modules = list(LORA_TARGET_PRESETS[args.lora_targets])
-    elif isinstance(args.lora_target_modules, str):
-        args.lora_target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
-        if not args.lora_target_modules:
+    if v["resolution"] % 32:
+        raise UserError(f"--resolution {v['resolution']} is not a multiple of 32 (EfficientNet stride); use {max(32, round(v['resolution'] / 32) * 32)}")
+    if v["dataset"] and v["instance_data_dir"]:
+        raise UserError("--dataset and --instance_data_dir are two kinds of training data; give one")
+    if v["instance_data_dir"] and not v["instance_prompt"]:
+        raise UserError('--instance_data_dir needs --instance_prompt, the caption of every instance image, e.g. "a photo of sks dog"')
+    if v["instance_prompt"] and not v["instance_data_dir"]:
+        raise UserError("--instance_prompt needs --instance_data_dir, the folder of the subject's images")
+    if v["with_prior_preservation"] and not v["class_prompt"]:
+        raise UserError('--with_prior_preservation needs --class_prompt, e.g. "a photo of a dog"')
+    if not v["with_prior_preservation"] and (v["class_prompt"] or v["class_data_dir"]):
+        warn("--class_prompt and --class_data_dir are only used with --with_prior_preservation")
+    if v["validation_split"] and v["validation_dataset"]:
+        raise UserError("--validation_split excludes --validation_dataset: give one")
+    if not (v["dataset"] or v["instance_data_dir"]):
+        raise UserError("--dataset is required: a hub dataset name, a local folder, or a .jsonl/.csv/.parquet file (or --instance_data_dir with --instance_prompt)")
+
+
+def resolve_lora_flags(v, given):
+    """--lora_alpha (the rank), --lora_target_modules (the preset), or all three from --init_lora's file."""
+    if v["init_lora"]:
+        from wuerstchen_lora.warmstart import check_init_lora_settings, read_init_lora
+
+        _, settings = read_init_lora(v["init_lora"])
+        flags = {"rank": "r", "lora_alpha": "lora_alpha", "lora_target_modules": "target_modules", "use_dora": "use_dora", "use_rslora": "use_rslora"}
+        chosen = {key: v[flag] for flag, key in flags.items() if flag in given}
+        if "lora_target_modules" in given and isinstance(v["lora_target_modules"], str):
+            chosen["target_modules"] = sorted(m.strip() for m in v["lora_target_modules"].split(",") if m.strip())
+        check_init_lora_settings(settings, chosen)
+        v.update(rank=settings["r"], lora_alpha=float(settings["lora_alpha"]), lora_target_modules=list(settings["target_modules"]),
+                 use_dora=bool(settings.get("use_dora")), use_rslora=bool(settings.get("use_rslora")))
+    if v["lora_alpha"] is None:
+        v["lora_alpha"] = float(v["rank"])
+    if v["lora_target_modules"] is None:
+        v["lora_target_modules"] = list(LORA_TARGET_PRESETS[v["lora_targets"]])
+    elif isinstance(v["lora_target_modules"], str):
+        v["lora_target_modules"] = [m.strip() for m in v["lora_target_modules"].split(",") if m.strip()]
+        if not v["lora_target_modules"]:
             raise UserError("--lora_target_modules is empty; leave it out to use --lora_targets (default: attention projections)")
-    if os.path.isfile(args.output_dir):
-        raise UserError(f"--output_dir {args.output_dir} is a file; give a folder")
-    for data_flag in ("dataset", "validation_dataset"):
-        folder = getattr(args, data_flag)
+    check_lora_rank(v["rank"], v["lora_target_modules"], read_prior_config(v["pretrained_prior_model_name_or_path"], v["revision"]))
+
+
+def check_output_flags(v):
+    from wuerstchen_lora.guard import resume_path
+
+    if os.path.isfile(v["output_dir"]):
+        raise UserError(f"--output_dir {v['output_dir']} is a file; give a folder")
+    for data_flag in ("dataset", "instance_data_dir", "class_data_dir", "validation_dataset"):
+        folder = v[data_flag]
         for out_flag in ("output_dir", "embeddings_cache_dir"):
-            out = getattr(args, out_flag)
+            out = v[out_flag]
             if folder and out and os.path.isdir(folder) and inside(out, folder):
                 raise UserError(f"--{out_flag} {out} is inside --{data_flag} {folder}: what a run writes there (validation images, "
                                 "checkpoints, the cache) would be read as data by the next run; put it outside the dataset folder")
-    resume_path(args)  # a resume that cannot start is refused before anything is written
-    if args.use_8bit_adam:
-        if args.optimizer not in ("adamw", "adamw8bit"):
-            raise UserError(f"--use_8bit_adam conflicts with --optimizer {args.optimizer}; keep one")
-        args.optimizer = "adamw8bit"
+    resume_path(v["output_dir"], v["resume_from_checkpoint"], v["discard_newer_checkpoints"])  # refused before anything is written
+
+
+def resolve_optimiser_flags(v):
+    """--use_8bit_adam into --optimizer; precision and compilation from accelerate's settings."""
+    if v.pop("use_8bit_adam"):
+        if v["optimizer"] not in ("adamw", "adamw8bit"):
+            raise UserError(f"--use_8bit_adam conflicts with --optimizer {v['optimizer']}; keep one")
+        v["optimizer"] = "adamw8bit"
     optional = {"adamw8bit": ("bitsandbytes", "bitsandbytes"), "prodigy": ("prodigyopt", "prodigyopt")}
-    if args.optimizer in optional:
-        module, package = optional[args.optimizer]
+    if v["optimizer"] in optional:
+        module, package = optional[v["optimizer"]]
         try:
             __import__(module)
         except ImportError as e:
-            raise UserError(f"--optimizer {args.optimizer} needs {package}: pip install {package} (or use --optimizer adamw)") from e
-    if args.validation_split and args.validation_dataset:
-        raise UserError("--validation_split excludes --validation_dataset: give one")
-    if args.push_to_hub and not args.hub_model_id:
-        args.hub_model_id = os.path.basename(os.path.abspath(args.output_dir))
-    if args.lr_warmup_steps and args.lr_scheduler == "constant":
-        warn(f"--lr_warmup_steps {args.lr_warmup_steps} does nothing with --lr_scheduler constant (the default); use --lr_scheduler constant_with_warmup")
-    elif args.max_train_steps and args.lr_warmup_steps >= args.max_train_steps:
-        warn(f"--lr_warmup_steps {args.lr_warmup_steps} is not shorter than the run ({args.max_train_steps} steps): "
-             f"the learning rate never reaches --learning_rate {args.learning_rate:g}")
-    check_lora_rank(args, read_prior_config(args.pretrained_prior_model_name_or_path, args.revision))
-    if not args.dataset:
-        raise UserError("--dataset is required: a hub dataset name, a local folder, or a .jsonl/.csv/.parquet file")
+            raise UserError(f"--optimizer {v['optimizer']} needs {package}: pip install {package} (or use --optimizer adamw)") from e
+    if v["lr_warmup_steps"] and v["lr_scheduler"] == "constant":
+        warn(f"--lr_warmup_steps {v['lr_warmup_steps']} does nothing with --lr_scheduler constant (the default); use --lr_scheduler constant_with_warmup")
+    elif v["max_train_steps"] and v["lr_warmup_steps"] >= v["max_train_steps"]:
+        warn(f"--lr_warmup_steps {v['lr_warmup_steps']} is not shorter than the run ({v['max_train_steps']} steps): "
+             f"the learning rate never reaches --learning_rate {v['learning_rate']:g}")
+    v["mixed_precision"], notice = resolve_mixed_precision(v["mixed_precision"])
+    if notice:
+        note(notice)
+    launcher_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if launcher_backend not in ("no", "") and not v["torch_compile"]:
+        # An accelerate config that asks for torch.compile gets it the way that works here (compile_blocks).
+        v["torch_compile"], v["torch_compile_backend"] = os.environ.get("ACCELERATE_DYNAMO_MODE") or "default", launcher_backend
+        note(f"note: the accelerate config's dynamo_backend {launcher_backend} is applied block by block, as --torch_compile {v['torch_compile']}")
+    if v["torch_compile"]:
+        check_compile_backend(v["torch_compile_backend"], v["torch_compile"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,45 +450,35 @@ def resolve_mixed_precision(requested):
     return mode, None
 
 
-def make_accelerator(args):
+def make_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
-    mixed_precision, notice = resolve_mixed_precision(args.mixed_precision)
+    out = cfg.output
     # Several processes and no GPU (a CPU test, or `accelerate launch --multi_gpu` on a CPU box):
     # accelerate only sets up gloo when told to use the CPU.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=distributed and not torch.cuda.is_available(),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+        mixed_precision=cfg.optim.mixed_precision,  # resolved with accelerate's own setting (build_config)
+        log_with=None if out.report_to == "none" else out.report_to,
+        project_config=ProjectConfiguration(project_dir=out.output_dir, logging_dir=os.path.join(out.output_dir, out.logging_dir)),
         # The seedable sampler shuffles each epoch from (seed, epoch): a resumed run sees the same order.
         # non_blocking: batches come from pinned memory (make_dataloader), so the copy to the GPU
         # does not make the host wait for the step before.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True),
         # accelerate's own torch.compile wraps the whole prior (a `_orig_mod.` prefix in every saved
         # key, one huge graph); --torch_compile compiles block by block instead (compile_blocks).
         dynamo_backend="no",
     )
-    if notice:
-        accelerator.print(notice)
-    launcher_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
-    if launcher_backend not in ("no", "") and not args.torch_compile:
-        # An accelerate config that asks for torch.compile gets it the way that works here.
-        args.torch_compile, args.torch_compile_backend = os.environ.get("ACCELERATE_DYNAMO_MODE") or "default", launcher_backend
-        check_compile_backend(args.torch_compile_backend, args.torch_compile)
-        accelerator.print(f"note: the accelerate config's dynamo_backend {launcher_backend} is applied block by block, as --torch_compile {args.torch_compile}")
-    args.mixed_precision = mixed_precision
-    return accelerator
 
 
 def weight_dtype_for(accelerator):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def load_frozen_models(args, device, dtype, tokenizer=None):
+def load_frozen_models(model, device, dtype, tokenizer=None):
     """Prior, text encoder, tokenizer, scheduler and EfficientNet, all frozen, on `device` in `dtype`
     (`tokenizer`: the one the data checks loaded, reused)."""
     from wuerstchen_lora.models import (
@@ -411,8 +487,8 @@ def load_frozen_models(args, device, dtype, tokenizer=None):
         use_sdpa_attention,
     )
 
-    prior, text_encoder, tokenizer, scheduler = load_prior_components(args.pretrained_prior_model_name_or_path, args.revision, tokenizer)
-    image_encoder = load_image_encoder(args.image_encoder)
+    prior, text_encoder, tokenizer, scheduler = load_prior_components(model.pretrained_prior_model_name_or_path, model.revision, tokenizer)
+    image_encoder = load_image_encoder(model.image_encoder)
     for model in (prior, text_encoder, image_encoder):
         model.requires_grad_(False).to(device, dtype=dtype)
     text_encoder.eval()
@@ -421,8 +497,9 @@ def load_frozen_models(args, device, dtype, tokenizer=None):
     return prior, text_encoder, tokenizer, scheduler, image_encoder
 
 
-def add_lora(prior, args):
-    """Attach a LoRA adapter to the prior; returns (config, trainable params, their names).
+def add_lora(prior, lora, optim=None):
+    """Attach a LoRA adapter (`lora`: LoraSettings) to the prior; returns (peft config, trainable
+    params, their names). `optim` (OptimConfig): the prior's dropout and gradient checkpointing.
 
     The trainable LoRA weights are kept in fp32 even when the frozen prior is fp16/bf16: the fp16
     grad scaler refuses to unscale fp16 gradients, and small updates vanish in half precision.
@@ -430,18 +507,18 @@ def add_lora(prior, args):
     from peft import LoraConfig
 
     config = LoraConfig(
-        r=args.rank,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
+        r=lora.rank,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
         init_lora_weights="gaussian",
-        target_modules=args.lora_target_modules,
-        use_dora=args.use_dora,
-        use_rslora=args.use_rslora,
+        target_modules=list(lora.lora_target_modules),
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
     )
     try:
         prior.add_adapter(config)
     except ValueError as e:
-        raise UserError(f"--lora_target_modules {','.join(args.lora_target_modules)}: {str(e).splitlines()[0]}") from e
+        raise UserError(f"--lora_target_modules {','.join(lora.lora_target_modules)}: {str(e).splitlines()[0]}") from e
     from diffusers.training_utils import cast_training_params
 
     cast_training_params(prior, dtype=torch.float32)
@@ -453,10 +530,10 @@ def add_lora(prior, args):
     for module in prior.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
             module.cast_input_dtype_enabled = False
-    if args.prior_dropout is not None:
-        set_prior_dropout(prior, args.prior_dropout)
-    if args.gradient_checkpointing:
-        checkpoint_blocks(prior, args.gradient_checkpointing)
+    if optim is not None and optim.prior_dropout is not None:
+        set_prior_dropout(prior, optim.prior_dropout)
+    if optim is not None and optim.gradient_checkpointing:
+        checkpoint_blocks(prior, optim.gradient_checkpointing)
     prior.train()  # dropout (0.1 in the shipped config) is active while training, as in both references
     return config, [p for _, p in named], [n for n, _ in named]
 
@@ -542,22 +619,22 @@ def uncompile_blocks(prior):
         block._compiled_call_impl = None
 
 
-def make_optimizer(args, params, device):
-    """AdamW (PyTorch's fused kernel on CUDA), 8-bit AdamW, Prodigy or Adafactor over the LoRA params."""
-    adam = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    if args.optimizer == "adamw8bit":
+def make_optimizer(optim, params, device):
+    """AdamW (PyTorch's fused kernel), 8-bit AdamW, Prodigy or Adafactor over the LoRA params."""
+    adam = dict(lr=optim.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2), weight_decay=optim.adam_weight_decay, eps=optim.adam_epsilon)
+    if optim.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **adam)
-    if args.optimizer == "prodigy":
+    if optim.optimizer == "prodigy":
         import prodigyopt
 
-        return prodigyopt.Prodigy(params, lr=args.learning_rate, betas=adam["betas"], weight_decay=args.adam_weight_decay)
-    if args.optimizer == "adafactor":
+        return prodigyopt.Prodigy(params, lr=optim.learning_rate, betas=adam["betas"], weight_decay=optim.adam_weight_decay)
+    if optim.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
         # A fixed learning rate (the schedule comes from --lr_scheduler), no parameter-scale rescaling.
-        return Adafactor(params, lr=args.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False, weight_decay=args.adam_weight_decay)
+        return Adafactor(params, lr=optim.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False, weight_decay=optim.adam_weight_decay)
     # The fused kernel takes `found_inf`, so a non-finite window is skipped on the device
     # (apply_update); on the CPU it needs torch >= 2.4.
     try:
@@ -570,57 +647,82 @@ def make_optimizer(args, params, device):
 # Data
 
 
-def load_data(args, accelerator):
+@dataclasses.dataclass(eq=False)
+class LoadedData:
+    """The training data after loading and checking, with what loading found out."""
+
+    dataset: Any  # datasets.Dataset, the readable training rows
+    image_column: str  # detected unless given
+    caption_column: str
+    held_out: Any  # the held-out dataset or None
+    row_buckets: Optional[list]  # each row's (width, height) bucket, or None without buckets
+    report: dict  # broken images, captions, buckets: training_info.json's "data"
+    tokenizer: Any  # loaded for the caption checks; the models reuse it
+
+
+def load_data(cfg, accelerator):
     """The dataset, selected and checked before any model is loaded: columns, captions, and every
     image decoded once (each process checks its share). Unreadable images are dropped and counted;
-    too many of them, or none left, stop the run here. Returns the tokenizer it loaded for the
-    caption checks too: the models reuse it."""
+    too many of them, or none left, stop the run here."""
     from transformers import CLIPTokenizer
 
-    from wuerstchen_lora.data import (
-        caption_stats,
-        check_captions,
-        load_training_dataset,
-    )
+    from wuerstchen_lora.data import caption_stats, check_captions
     from wuerstchen_lora.models import model_load_errors
 
+    data, model = cfg.data, cfg.model
     loaded = {}  # what loading converted or left out
     with accelerator.main_process_first():
-        dataset, image_column, caption_column = load_training_dataset(args.dataset, args.image_column, args.caption_column, cache_dir=args.cache_dir, stats=loaded)
-    if args.max_train_samples is not None:
-        dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
+        dataset, image_column, caption_column = load_source(cfg, loaded)
+    if data.max_train_samples is not None:
+        dataset = dataset.shuffle(seed=cfg.seed).select(range(min(data.max_train_samples, len(dataset))))
     if loaded.get("unlisted_images") and accelerator.is_main_process:
-        warn(f"{loaded['unlisted_images']} images in {args.dataset} are not listed in its metadata file and are left out")
+        warn(f"{loaded['unlisted_images']} images in {data.dataset} are not listed in its metadata file and are left out")
     if loaded.get("numeric_captions"):
         accelerator.print(f"note: the captions in column {caption_column!r} are numbers ({loaded['numeric_caption_dtype']}); "
                           f"{loaded['numeric_captions']} were converted to text, e.g. {loaded['numeric_caption_example']!r}")
-    missing_captions = check_captions(dataset, caption_column, args.dataset, args.allow_missing_captions)
+    missing_captions = check_captions(dataset, caption_column, data.dataset, data.allow_missing_captions)
     if missing_captions and accelerator.is_main_process:
         print(missing_captions, file=sys.stderr)
     with accelerator.main_process_first():
-        with model_load_errors(args.pretrained_prior_model_name_or_path, "tokenizer"):
-            tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_prior_model_name_or_path, subfolder="tokenizer", revision=args.revision)
-        if not os.path.isdir(args.pretrained_prior_model_name_or_path) and read_prior_config(args.pretrained_prior_model_name_or_path, args.revision) is None:
-            # Not in the hub cache when the arguments were checked: fetch the small config now (the prior needs it anyway).
-            check_lora_rank(args, read_prior_config(args.pretrained_prior_model_name_or_path, args.revision, download=True))
-    args.image_column, args.caption_column = image_column, caption_column
-    sizes, bad = readable_images(args, accelerator, dataset, image_column)
-    held_out, keep = split_held_out(args, accelerator, dataset, sorted(sizes), image_column, caption_column)
+        with model_load_errors(model.pretrained_prior_model_name_or_path, "tokenizer"):
+            tokenizer = CLIPTokenizer.from_pretrained(model.pretrained_prior_model_name_or_path, subfolder="tokenizer", revision=model.revision)
+        if not os.path.isdir(model.pretrained_prior_model_name_or_path) and read_prior_config(model.pretrained_prior_model_name_or_path, model.revision) is None:
+            # Not in the hub cache when the flags were checked: fetch the small config now (the prior needs it anyway).
+            check_lora_rank(cfg.lora.rank, cfg.lora.lora_target_modules, read_prior_config(model.pretrained_prior_model_name_or_path, model.revision, download=True))
+    sizes, bad = readable_images(cfg, accelerator, dataset, image_column)
+    held_out, keep = split_held_out(cfg, accelerator, dataset, sorted(sizes), image_column, caption_column)
     report = {"bad_images": len(bad), "bad_examples": [f"{n}: {r}" for _, n, r in bad[:20]],
               "held_out_images": len(held_out) if held_out is not None else 0}
     row_buckets = None
-    if args.aspect_ratio_buckets:
-        keep, row_buckets, report["buckets"], report["too_small_for_bucket"] = bucket_rows(args, keep, sizes)
+    if data.aspect_ratio_buckets:
+        keep, row_buckets, report["buckets"], report["too_small_for_bucket"] = bucket_rows(data, keep, sizes)
     dataset = dataset.select(keep) if len(keep) != len(dataset) else dataset
     report["images"] = len(dataset)
     report.update(caption_stats(dataset, caption_column, tokenizer))
     # Counted over the whole dataset, before --max_train_samples and the image checks.
     report["numeric_captions"], report["unlisted_images"] = loaded.get("numeric_captions", 0), loaded.get("unlisted_images", 0)
     report["non_utf8_caption_files"] = loaded.get("non_utf8_caption_files", 0)  # the training set's, not the held-out set's
-    return dataset, held_out, row_buckets, report, tokenizer
+    return LoadedData(dataset, image_column, caption_column, held_out, row_buckets, report, tokenizer)
 
 
-def readable_images(args, accelerator, dataset, image_column):
+def load_source(cfg, stats):
+    """(dataset, image column, caption column) from --dataset, or --instance_data_dir with its prompt."""
+    from wuerstchen_lora.data import load_training_dataset
+
+    data = cfg.data
+    if cfg.subject.instance_data_dir:
+        from wuerstchen_lora.subject import instance_dataset
+
+        return instance_dataset(cfg.subject.instance_data_dir, cfg.subject.instance_prompt)
+    return load_training_dataset(data.dataset, data.image_column, data.caption_column, cache_dir=data.cache_dir, stats=stats, config_name=data.dataset_config_name)
+
+
+def data_name(cfg):
+    """The training data as the user named it, for messages and records."""
+    return cfg.data.dataset or cfg.subject.instance_data_dir
+
+
+def readable_images(cfg, accelerator, dataset, image_column):
     """Every image decoded once, each process its share: ({row: size} of the readable ones, the
     unreadable (row, name, reason)). Too many unreadable ones stop the run."""
     from accelerate.utils import gather_object
@@ -634,50 +736,52 @@ def readable_images(args, accelerator, dataset, image_column):
         accelerator.print(f"warning: skipping {name}: {reason}")
     if len(bad) > 5:
         accelerator.print(f"warning: ... and {len(bad) - 5} more unreadable images")
+    flag = "--instance_data_dir" if cfg.subject.instance_data_dir else "--dataset"
     if len(bad) == len(dataset):
-        raise UserError(f"--dataset {args.dataset}: none of the {len(dataset)} images could be read (e.g. {bad[0][1]}: {bad[0][2]})")
-    if len(bad) > args.max_bad_images * len(dataset):
-        raise UserError(f"--dataset {args.dataset}: {len(bad)} of {len(dataset)} images are unreadable, more than --max_bad_images {args.max_bad_images:g}; fix or remove them (first: {bad[0][1]}: {bad[0][2]})")
+        raise UserError(f"{flag} {data_name(cfg)}: none of the {len(dataset)} images could be read (e.g. {bad[0][1]}: {bad[0][2]})")
+    if len(bad) > cfg.data.max_bad_images * len(dataset):
+        raise UserError(f"{flag} {data_name(cfg)}: {len(bad)} of {len(dataset)} images are unreadable, more than --max_bad_images {cfg.data.max_bad_images:g}; fix or remove them (first: {bad[0][1]}: {bad[0][2]})")
     return sizes, bad
 
 
-def split_held_out(args, accelerator, dataset, keep, image_column, caption_column):
+def split_held_out(cfg, accelerator, dataset, keep, image_column, caption_column):
     """(held-out dataset or None, the training rows): --validation_split takes a seeded share of the
     readable rows; --validation_dataset loads another dataset."""
-    if args.validation_split:
-        n = max(1, round(len(keep) * args.validation_split))
+    validation = cfg.validation
+    if validation.validation_split:
+        n = max(1, round(len(keep) * validation.validation_split))
         if n >= len(keep):
-            raise UserError(f"--validation_split {args.validation_split:g} leaves no training images out of {len(keep)}")
+            raise UserError(f"--validation_split {validation.validation_split:g} leaves no training images out of {len(keep)}")
         order = keep[:]
-        random.Random(args.seed).shuffle(order)
+        random.Random(cfg.seed).shuffle(order)
         return dataset.select(sorted(order[:n])), sorted(order[n:])
-    if args.validation_dataset:
-        return load_held_out_dataset(args, accelerator, image_column, caption_column), keep
+    if validation.validation_dataset:
+        return load_held_out_dataset(validation.validation_dataset, cfg.data.cache_dir, accelerator, image_column, caption_column), keep
     return None, keep
 
 
-def load_held_out_dataset(args, accelerator, image_column, caption_column):
+def load_held_out_dataset(spec, cache_dir, accelerator, image_column, caption_column):
     from wuerstchen_lora.data import inspect_images, load_training_dataset
 
     with accelerator.main_process_first():
-        held_out, held_image, held_caption = load_training_dataset(args.validation_dataset, cache_dir=args.cache_dir)
+        held_out, held_image, held_caption = load_training_dataset(spec, cache_dir=cache_dir)
     sizes, _ = inspect_images(held_out, held_image, range(len(held_out)))
     if not sizes:
-        raise UserError(f"--validation_dataset {args.validation_dataset}: no readable images")
+        raise UserError(f"--validation_dataset {spec}: no readable images")
     held_out = held_out.select(sorted(sizes))
     return held_out.rename_columns({c: n for c, n in ((held_image, image_column), (held_caption, caption_column)) if c != n})
 
 
-def bucket_rows(args, rows, sizes):
+def bucket_rows(data, rows, sizes):
     """Each image's aspect-ratio bucket; images that would need more than --bucket_max_upscale
     enlargement to cover their bucket are left out (and counted)."""
     from wuerstchen_lora.data import assign_bucket, make_buckets, upscale_needed
 
-    buckets = make_buckets(args.resolution)
+    buckets = make_buckets(data.resolution)
     assigned = {i: assign_bucket(sizes[i], buckets) for i in rows}
-    kept = [i for i in rows if upscale_needed(sizes[i], assigned[i]) <= args.bucket_max_upscale]
+    kept = [i for i in rows if upscale_needed(sizes[i], assigned[i]) <= data.bucket_max_upscale]
     if not kept:
-        raise UserError(f"every image is smaller than its bucket by more than --bucket_max_upscale {args.bucket_max_upscale:g}; lower --resolution or raise the limit")
+        raise UserError(f"every image is smaller than its bucket by more than --bucket_max_upscale {data.bucket_max_upscale:g}; lower --resolution or raise the limit")
     counts = {}
     for i in kept:
         counts[f"{assigned[i][0]}x{assigned[i][1]}"] = counts.get(f"{assigned[i][0]}x{assigned[i][1]}", 0) + 1
@@ -691,70 +795,89 @@ def common_bucket(row_buckets):
     return max(sorted(set(row_buckets)), key=row_buckets.count)
 
 
-def caption_options(args):
+def caption_options(data):
     from wuerstchen_lora.data import CaptionOptions
 
-    return CaptionOptions(prefix=args.caption_prefix, dropout=args.caption_dropout, shuffle_tags=args.shuffle_tags, keep_tokens=args.keep_tokens)
+    return CaptionOptions(prefix=data.caption_prefix, dropout=data.caption_dropout, shuffle_tags=data.shuffle_tags, keep_tokens=data.keep_tokens)
 
 
-def cached_examples(args, accelerator, dataset, encode_image, encode_text, dtype, row_buckets=None):
+def cached_examples(cfg, loaded, accelerator, encode_image, encode_text, dtype):
     """Build (or reuse) the embedding cache and return the dataset that reads from it."""
     from wuerstchen_lora.cache import CachedExamples, build_cache, cache_key
     from wuerstchen_lora.models import resolve_image_encoder_path
 
-    root = args.embeddings_cache_dir or os.path.join(args.output_dir, "embeddings_cache")
-    folder = os.path.join(root, cache_key(args, dataset, dtype, resolve_image_encoder_path(args.image_encoder)))
-    build_cache(
-        folder, dataset, args.image_column, args.caption_column, args, encode_image, encode_text,
-        accelerator=accelerator, captions=caption_options(args), row_buckets=row_buckets,
-    )
-    raw = dataset[args.caption_column] if args.shuffle_tags else None
-    return CachedExamples(folder, args.resolution, args.random_flip, args.seed, caption_options(args), raw, args.repeats, args.noise_offset)
+    data, columns = cfg.data, (loaded.image_column, loaded.caption_column)
+    root = cfg.cache.embeddings_cache_dir or os.path.join(cfg.output.output_dir, "embeddings_cache")
+    folder = os.path.join(root, cache_key(cfg.model, data, loaded.dataset, columns, dtype, resolve_image_encoder_path(cfg.model.image_encoder), source=data_name(cfg)))
+    build_cache(folder, loaded.dataset, columns, data, cfg.cache, encode_image, encode_text,
+                accelerator=accelerator, captions=caption_options(data), row_buckets=loaded.row_buckets)
+    raw = loaded.dataset[loaded.caption_column] if data.shuffle_tags else None
+    return CachedExamples(folder, data.resolution, data.random_flip, cfg.seed, caption_options(data), raw, data.repeats, data.noise_offset)
 
 
-def uncached_examples(args, dataset, latent_channels, row_buckets=None):
+def uncached_examples(cfg, loaded, latent_channels):
     from wuerstchen_lora.data import CaptionedImages, ImageTransform
 
-    transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
-    return CaptionedImages(dataset, args.image_column, args.caption_column, transform, args.seed, caption_options(args), args.repeats, row_buckets,
-                           latent_channels=latent_channels, noise_offset=args.noise_offset)
+    data = cfg.data
+    transform = ImageTransform(data.resolution, data.center_crop, data.random_flip)
+    return CaptionedImages(loaded.dataset, loaded.image_column, loaded.caption_column, transform, cfg.seed, caption_options(data), data.repeats,
+                           loaded.row_buckets, latent_channels=latent_channels, noise_offset=data.noise_offset)
 
 
-def make_dataloader(args, examples, row_buckets=None, pin_memory=False):
+def make_dataloader(cfg, examples, row_buckets=None, pin_memory=False):
     """Shuffled batches; with aspect-ratio buckets, each batch from one bucket (returns the sampler too).
 
     pin_memory (on a GPU): batches land in page-locked memory, so that their copy to the device
     can be queued without waiting (accelerate moves them with non_blocking=True)."""
     from wuerstchen_lora.data import BucketBatchSampler
 
-    loader = dict(num_workers=args.dataloader_num_workers, pin_memory=pin_memory)
+    batch_size = cfg.optim.train_batch_size
+    loader = dict(num_workers=cfg.data.dataloader_num_workers, pin_memory=pin_memory)
     if row_buckets is None:
-        return torch.utils.data.DataLoader(examples, batch_size=args.train_batch_size, shuffle=True, **loader), None
-    sampler = BucketBatchSampler(row_buckets, args.train_batch_size, args.seed, args.repeats)
+        return torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True, **loader), None
+    sampler = BucketBatchSampler(row_buckets, batch_size, cfg.seed, cfg.data.repeats)
     return torch.utils.data.DataLoader(examples, batch_sampler=sampler, **loader), sampler
 
 
-def encoder_functions(run):
-    """EfficientNet and CLIP as functions of pixels and of captions, on the run's device and dtype.
+class Encoders:
+    """EfficientNet and CLIP as functions of pixels and of captions, on one device and dtype.
+    release_image_encoder() drops EfficientNet once the embedding cache holds what it would make."""
 
-    They look the encoders up in `run` when called, so dropping one from `run` frees it.
-    """
-    device = run.accelerator.device
-    return (
-        lambda pixels: encode_images(run.image_encoder, pixels.to(device, dtype=run.dtype)),
-        lambda captions: encode_text(run.text_encoder, run.tokenizer, captions, device),
-    )
+    def __init__(self, image_encoder, text_encoder, tokenizer, device, dtype):
+        self.image_encoder, self.text_encoder, self.tokenizer = image_encoder, text_encoder, tokenizer
+        self.device, self.dtype = device, dtype
+
+    def image(self, pixels):
+        return encode_images(self.image_encoder, pixels.to(self.device, dtype=self.dtype))
+
+    def text(self, captions):
+        return encode_text(self.text_encoder, self.tokenizer, captions, self.device)
+
+    def release_image_encoder(self):
+        self.image_encoder = None
 
 
-def embed_batch(batch, encode_image, encode_text, device):
+def embed_batch(batch, encoders, device):
     """(image embeddings, text embeddings) of a batch: from the cache, or encoded now."""
     if "image_embeddings" in batch:
         image_embeddings = batch["image_embeddings"].to(device)
     else:
-        image_embeddings = encode_image(batch["pixel_values"])
+        image_embeddings = encoders.image(batch["pixel_values"])
     if "text_embeddings" in batch:
         return image_embeddings, batch["text_embeddings"].to(device)
-    return image_embeddings, encode_text(batch["caption"])
+    return image_embeddings, encoders.text(batch["caption"])
+
+
+def class_batch(run, epoch, batch_index):
+    """The class examples trained beside one micro-batch (prior preservation): a seeded order per
+    epoch, each process and micro-batch its own slice, so a resumed run draws the same ones."""
+    examples, size = run.class_examples, run.cfg.optim.train_batch_size
+    examples.set_epoch(epoch)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(step_seed(run.cfg.seed + 1, epoch, 0, 0) % 2**62))
+    start = (batch_index * run.accelerator.num_processes + run.accelerator.process_index) * size
+    items = [examples[int(order[(start + j) % len(examples)])] for j in range(size)]
+    batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
+    return {k: v.to(run.accelerator.device, non_blocking=True) for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -795,22 +918,21 @@ def stop_on_signals(run):
 
 @dataclasses.dataclass(eq=False)
 class Run:
-    """Everything a training run holds, declared in one place, in the order setup() fills it."""
+    """Everything a training run holds besides its frozen configuration, declared in one place, in
+    the order setup() fills it."""
 
-    args: argparse.Namespace
+    cfg: TrainConfig
     accelerator: Any
-    resume_plan: Any = None  # guard.guard_run: the checkpoint to resume, checked before anything loads
-    data_report: dict = None  # what loading found (broken images, captions, buckets)
+    resume_plan: Any = None  # guard.ResumePlan: the checkpoint to resume, checked before anything loads
+    data: LoadedData = None  # the checked training data (setup_data)
+    training_data: dict = None  # its fingerprint, recorded in checkpoints and compared on resume
     # frozen parts
     dtype: torch.dtype = torch.float32
-    text_encoder: Any = None
-    tokenizer: Any = None
+    encoders: Encoders = None
     scheduler: Any = None
-    image_encoder: Any = None  # None once the embedding cache is built
-    encode_image: Callable = None
-    encode_text: Callable = None
     held_out_loss: Any = None  # validation.HeldOutLoss or None
     validate: Any = None  # validation.Validator or None
+    class_examples: Any = None  # subject.ClassExamples with --with_prior_preservation, else None
     # what trains
     examples: Any = None  # cache.CachedExamples or data.CaptionedImages
     lora_config: Any = None
@@ -827,29 +949,31 @@ class Run:
     compiled_shapes: set = dataclasses.field(default_factory=set)
     steps_per_epoch: int = 0
     max_steps: int = 0
+    validation_every: int = 0  # --validation_steps, or --validation_epochs in steps
     info: dict = None  # training_info.json
     # the loop's own state (train())
     progress: Any = None
     window_losses: list = dataclasses.field(default_factory=list)  # the accumulation window's losses, on the device
-    pending: list = dataclasses.field(default_factory=list)  # (step, loss, finite, lr) not read back yet
+    pending: list = dataclasses.field(default_factory=list)  # (step, losses, finite, lr) not read back yet
     clock: list = dataclasses.field(default_factory=list)  # (step, time) at each read-back
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
     stop_signals: list = dataclasses.field(default_factory=list)
 
 
-def setup(args):
-    """Everything the loop needs, in the order that matters: data is checked before models load,
-    embeddings are cached before the encoders leave the device, LoRA exists before the optimiser."""
+def setup(cfg):
+    """Everything the loop needs, in the order the data flows: data (checked before models load),
+    frozen models, the embedding cache (built before the encoders leave the device), LoRA, then the
+    optimiser and loop."""
     from wuerstchen_lora.guard import guard_run
 
-    run = Run(args=args, accelerator=make_accelerator(args))
-    run.resume_plan = guard_run(args, run.accelerator)  # the output-folder lock; the checkpoint checked before anything loads
-    dataset, held_out, row_buckets = setup_data(run)
-    prior = setup_frozen_models(run, held_out, row_buckets)
-    examples = setup_examples(run, dataset, prior, row_buckets)
+    run = Run(cfg=cfg, accelerator=make_accelerator(cfg))
+    run.resume_plan = guard_run(cfg, run.accelerator)  # the output-folder lock; the checkpoint checked before anything loads
+    setup_data(run)
+    prior = setup_frozen_models(run)
+    examples = setup_examples(run, prior)
     trainable, total = setup_lora(run, prior)
-    setup_loop(run, prior, examples, row_buckets, trainable, total)
+    setup_loop(run, prior, examples, trainable, total)
     return run
 
 
@@ -857,89 +981,120 @@ def setup_data(run):
     """Logging, the output folder, and the data, loaded and checked before any model."""
     from wuerstchen_lora.guard import check_training_data
 
-    args, accelerator = run.args, run.accelerator
+    cfg, accelerator = run.cfg, run.accelerator
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING if accelerator.is_main_process else logging.ERROR)
     quiet_library_logs()
-    if args.allow_tf32:
+    if cfg.optim.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-    dataset, held_out, row_buckets, run.data_report, run.tokenizer = load_data(args, accelerator)
-    check_training_data(run.resume_plan, args, dataset)  # the data's fingerprint: recorded, and compared on resume
-    return dataset, held_out, row_buckets
+        os.makedirs(cfg.output.output_dir, exist_ok=True)
+    run.data = load_data(cfg, accelerator)
+    # The data's fingerprint: recorded, and compared on resume.
+    run.training_data = check_training_data(run.resume_plan, data_name(run.cfg), run.data.dataset, (run.data.image_column, run.data.caption_column))
 
 
-def setup_frozen_models(run, held_out, row_buckets):
-    """The frozen prior, encoders and scheduler; the held-out set encoded and the decoder loaded."""
-    args, accelerator = run.args, run.accelerator
+def setup_frozen_models(run):
+    """The frozen prior, encoders and scheduler; the held-out set encoded, the decoder loaded, and
+    the class examples made (before LoRA exists: they come from the base prior)."""
+    cfg, accelerator = run.cfg, run.accelerator
     run.dtype = dtype = weight_dtype_for(accelerator)
-    prior, run.text_encoder, run.tokenizer, run.scheduler, run.image_encoder = load_frozen_models(args, accelerator.device, dtype, run.tokenizer)
-    run.encode_image, run.encode_text = encoder_functions(run)
+    prior, text_encoder, tokenizer, run.scheduler, image_encoder = load_frozen_models(cfg.model, accelerator.device, dtype, run.data.tokenizer)
+    run.encoders = Encoders(image_encoder, text_encoder, tokenizer, accelerator.device, dtype)
     # The held-out set is encoded now, while the encoders are on the device; the validation decoder is
     # loaded now too, so that a bad path stops the run before caching. Both None under FSDP (validation.py).
-    run.held_out_loss = make_held_out_loss(held_out, args, accelerator, run.encode_image, run.encode_text)
-    run.validate = make_validator(args, accelerator, run.text_encoder, run.tokenizer, run.scheduler, dtype, common_bucket(row_buckets))
+    run.held_out_loss = make_held_out_loss(run.data, cfg, accelerator, run.encoders)
+    run.validate = make_validator(cfg, accelerator, text_encoder, tokenizer, run.scheduler, dtype, common_bucket(run.data.row_buckets))
+    if cfg.subject.with_prior_preservation:
+        run.class_examples = make_class_examples(run, prior)
     scheduler_to(run.scheduler, accelerator.device)
     return prior
 
 
-def setup_examples(run, dataset, prior, row_buckets):
+def make_class_examples(run, prior):
+    """Prior preservation's class examples: real --class_data_dir images first, the rest sampled as
+    image embeddings from the base prior (before the adapter exists), both cached."""
+    from wuerstchen_lora.models import resolve_image_encoder_path
+    from wuerstchen_lora.subject import ClassExamples, prepare_class_examples
+
+    cfg, encoders, subject = run.cfg, run.encoders, run.cfg.subject
+    root = cfg.cache.embeddings_cache_dir or os.path.join(cfg.output.output_dir, "embeddings_cache")
+    class_set = prepare_class_examples(
+        root, prior, encoders.text_encoder, encoders.tokenizer, run.scheduler, class_prompt=subject.class_prompt,
+        num_class_images=subject.num_class_images, seed=cfg.seed, resolution=cfg.data.resolution, device=run.accelerator.device,
+        dtype=run.dtype, model_id=cfg.model.pretrained_prior_model_name_or_path, revision=cfg.model.revision,
+        class_data_dir=subject.class_data_dir, encode_image=encoders.image, image_encoder_id=resolve_image_encoder_path(cfg.model.image_encoder),
+        batch_size=cfg.cache.cache_batch_size, accelerator=run.accelerator)
+    run.accelerator.print(f"class examples: {class_set.real} real, {class_set.generated} generated by the base prior"
+                          + (" (from the cache)" if class_set.reused else "") + f", in {class_set.folder}")
+    return ClassExamples(class_set, cfg.seed, cfg.data.noise_offset)
+
+
+def setup_examples(run, prior):
     """Training samples: from the embedding cache (built now), or encoded every step."""
-    args = run.args
-    if args.cache_embeddings:
-        examples = cached_examples(args, run.accelerator, dataset, run.encode_image, run.encode_text, run.dtype, row_buckets)
-        # The encoders are done: EfficientNet goes; CLIP waits on the CPU for validation prompts,
-        # unless shuffled tags need it every step.
-        run.image_encoder = None
-        if not args.shuffle_tags:
-            run.text_encoder.to("cpu")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    else:
-        examples = uncached_examples(args, dataset, prior.config.c_in, row_buckets)
+    cfg = run.cfg
+    if not cfg.cache.cache_embeddings:
+        return uncached_examples(cfg, run.data, prior.config.c_in)
+    examples = cached_examples(cfg, run.data, run.accelerator, run.encoders.image, run.encoders.text, run.dtype)
+    # The encoders are done: EfficientNet goes; CLIP waits on the CPU for validation prompts,
+    # unless shuffled tags need it every step.
+    run.encoders.release_image_encoder()
+    if not cfg.data.shuffle_tags:
+        run.encoders.text_encoder.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return examples
 
 
 def setup_lora(run, prior):
-    """The adapter, the bf16 norms and compiled blocks; returns (trainable, total) parameter counts."""
-    args, accelerator = run.args, run.accelerator
-    torch.manual_seed(args.seed)  # the LoRA initialisation: same seed, same run
-    run.lora_config, run.params, run.param_names = add_lora(prior, args)
+    """The adapter (fresh, or --init_lora's weights), the bf16 norms and compiled blocks; returns
+    (trainable, total) parameter counts."""
+    cfg, accelerator = run.cfg, run.accelerator
+    torch.manual_seed(cfg.seed)  # the LoRA initialisation: same seed, same run
+    run.lora_config, run.params, run.param_names = add_lora(prior, cfg.lora, cfg.optim)
+    if cfg.lora.init_lora:
+        from wuerstchen_lora.warmstart import load_init_lora, read_init_lora
+
+        load_init_lora(prior, read_init_lora(cfg.lora.init_lora)[0])
+        accelerator.print(f"note: LoRA weights start from --init_lora {cfg.lora.init_lora} (a warm start: fresh optimiser and schedule)")
     trainable, total = sum(p.numel() for p in run.params), sum(p.numel() for p in prior.parameters())
     accelerator.print(f"LoRA: {trainable:,} trainable of {total:,} prior parameters ({100 * trainable / total:.2f}%)")
     if run.dtype == torch.bfloat16:
         norms_in_activation_dtype(prior, run.dtype)
-    if args.torch_compile:
-        compile_blocks(prior, args.torch_compile, args.torch_compile_backend)
+    if cfg.optim.torch_compile:
+        compile_blocks(prior, cfg.optim.torch_compile, cfg.optim.torch_compile_backend)
         run.compiled = True
     return trainable, total
 
 
-def setup_loop(run, prior, examples, row_buckets, trainable, total):
+def setup_loop(run, prior, examples, trainable, total):
     """Optimiser, data loader and schedule through accelerate, EMA, and the run's record."""
-    args, accelerator = run.args, run.accelerator
-    optimizer = make_optimizer(args, run.params, accelerator.device)
+    cfg, optim, accelerator = run.cfg, run.cfg.optim, run.accelerator
+    optimizer = make_optimizer(optim, run.params, accelerator.device)
     run.examples = examples
-    dataloader, run.bucket_sampler = make_dataloader(args, examples, row_buckets, pin_memory=accelerator.device.type == "cuda")
+    dataloader, run.bucket_sampler = make_dataloader(cfg, examples, run.data.row_buckets, pin_memory=accelerator.device.type == "cuda")
     run.prior, run.optimizer, run.dataloader = accelerator.prepare(prior, optimizer, dataloader)
-    run.steps_per_epoch = math.ceil(len(run.dataloader) / args.gradient_accumulation_steps)
-    run.max_steps = args.max_train_steps or args.num_train_epochs * run.steps_per_epoch
+    run.steps_per_epoch = math.ceil(len(run.dataloader) / optim.gradient_accumulation_steps)
+    run.max_steps = optim.max_train_steps or optim.num_train_epochs * run.steps_per_epoch
+    run.validation_every = cfg.validation.validation_steps or cfg.validation.validation_epochs * run.steps_per_epoch
 
     from diffusers.optimization import get_scheduler
 
     # accelerate steps a prepared scheduler once per process per optimiser step, hence the factor.
-    run.lr_scheduler = accelerator.prepare(get_scheduler(args.lr_scheduler, run.optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes, num_training_steps=run.max_steps * accelerator.num_processes))
+    run.lr_scheduler = accelerator.prepare(get_scheduler(optim.lr_scheduler, run.optimizer, num_warmup_steps=optim.lr_warmup_steps * accelerator.num_processes,
+                                                         num_training_steps=run.max_steps * accelerator.num_processes))
     run.unwrapped = accelerator.unwrap_model(run.prior)
-    if args.use_ema:
+    if optim.use_ema:
         from diffusers.training_utils import EMAModel
 
         # diffusers' EMA: the decay ramps up as (1 + n) / (10 + n) to --ema_decay; its state is checkpointed.
-        run.ema = EMAModel(run.params, decay=args.ema_decay)
+        run.ema = EMAModel(run.params, decay=optim.ema_decay)
         run.ema.to(accelerator.device)
         accelerator.register_for_checkpointing(run.ema)
-    run.info = training_info(args, accelerator, run.lora_config, 0, trainable, total)
+    run.info = training_info(cfg, accelerator, run.lora_config, 0, trainable, total)
     run.info["loss_history"] = []  # [step, training loss] of every step of this run (None: skipped)
-    run.info["data"] = run.data_report
+    if run.class_examples is not None:
+        run.info["class_loss_history"] = []  # [step, class loss] (prior preservation)
+    run.info["data"] = run.data.report
     register_lora_checkpoint_hooks(accelerator, run.unwrapped, run.lora_config, run.info)
     return run
 
@@ -953,22 +1108,34 @@ def training_step(run, batch, epoch, batch_index):
     NaN reaches every process's gradients through DDP), and the whole window's update is skipped
     everywhere alike (apply_update).
     """
-    args, accelerator = run.args, run.accelerator
-    torch.manual_seed(step_seed(args.seed, epoch, batch_index, accelerator.process_index))
+    cfg, accelerator = run.cfg, run.accelerator
+    torch.manual_seed(step_seed(cfg.seed, epoch, batch_index, accelerator.process_index))
     with accelerator.accumulate(run.prior):
-        image_embeddings, text_embeddings = embed_batch(batch, run.encode_image, run.encode_text, accelerator.device)
-        loss = compute_loss(run.prior, run.scheduler, image_embeddings, text_embeddings, batch["noise"], batch["timestep"], args.loss_weighting, args.snr_gamma)
+        loss = batch_loss(run, batch)
+        parts = [loss.detach()]
+        if run.class_examples is not None:
+            # Prior preservation: the class examples in a forward of their own after the instance
+            # one, so that the instance loss (and its dropout draws) are those of a plain run.
+            class_loss = batch_loss(run, class_batch(run, epoch, batch_index))
+            loss = loss + cfg.subject.prior_loss_weight * class_loss
+            parts = [loss.detach(), parts[0], class_loss.detach()]
         accelerator.backward(loss)
-        run.window_losses.append(loss.detach())
+        run.window_losses.append(torch.stack(parts))
         if not accelerator.sync_gradients:
             return None
-        losses = accelerator.gather(torch.stack(run.window_losses)).float()
+        losses = accelerator.gather(torch.stack(run.window_losses)).float()  # [micro-steps x processes, parts]
         run.window_losses = []
-        finite = torch.isfinite(losses).all()
+        finite = torch.isfinite(losses[:, 0]).all()
         apply_update(run, finite)
         run.lr_scheduler.step()  # in step with global_step even when the update is skipped
         run.optimizer.zero_grad(set_to_none=True)
-    return losses.mean(), finite
+    return losses.mean(0), finite
+
+
+def batch_loss(run, batch):
+    optim = run.cfg.optim
+    image_embeddings, text_embeddings = embed_batch(batch, run.encoders, run.accelerator.device)
+    return compute_loss(run.prior, run.scheduler, image_embeddings, text_embeddings, batch["noise"], batch["timestep"], optim.loss_weighting, optim.snr_gamma)
 
 
 def apply_update(run, finite):
@@ -979,8 +1146,8 @@ def apply_update(run, finite):
     flag itself from the gradients (a non-finite loss makes them non-finite). Other optimisers have
     no such input, so for them the flag is read on the host: one wait per update.
     """
-    if run.args.max_grad_norm > 0:
-        run.accelerator.clip_grad_norm_(run.params, run.args.max_grad_norm)
+    if run.cfg.optim.max_grad_norm > 0:
+        run.accelerator.clip_grad_norm_(run.params, run.cfg.optim.max_grad_norm)
     inner = run.optimizer.optimizer
     if run.accelerator.scaler is None and getattr(inner, "defaults", {}).get("fused"):
         inner.found_inf = (~finite).float()
@@ -1029,19 +1196,19 @@ def guarded_step(run, batch, epoch, batch_index):
 def after_update(run, loss, finite, global_step):
     """Bookkeeping after an optimiser step: losses are read back every --logging_steps (and before
     checkpoints and validation), the only points between checkpoints where the host waits."""
-    args = run.args
+    out = run.cfg.output
     run.pending.append((global_step, loss, finite, run.lr_scheduler.get_last_lr()[0]))
     run.progress.update(1)  # redraws at most every 0.1 s
     run.info["global_step"] = global_step
-    checkpoint = args.checkpointing_steps and global_step % args.checkpointing_steps == 0
-    validation = global_step % args.validation_steps == 0
-    if not (checkpoint or validation or global_step % args.logging_steps == 0 or global_step >= run.max_steps):
+    checkpoint = out.checkpointing_steps and global_step % out.checkpointing_steps == 0
+    validation = global_step % run.validation_every == 0
+    if not (checkpoint or validation or global_step % out.logging_steps == 0 or global_step >= run.max_steps):
         return
     read_losses(run)
     # Several processes agree on stopping through an all-reduce; one process just reads its flag.
     stop = run.accelerator.check_trigger() if run.accelerator.num_processes > 1 else bool(run.stop_signals)
     if stop or checkpoint:
-        path = save_checkpoint(run.accelerator, args, global_step)
+        path = save_checkpoint(run.accelerator, run.cfg, run.training_data, global_step)
         if stop:
             raise Interrupted(run.stop_signals[0] if run.stop_signals else 15, path)
     if validation:
@@ -1055,12 +1222,14 @@ def read_losses(run):
         return
     steps, losses, finites, lrs = zip(*run.pending)
     run.pending = []
-    values, flags = torch.stack([torch.stack(losses), torch.stack(finites).float()]).tolist()
-    for step, loss, finite, lr in zip(steps, values, flags, lrs):
+    rows = torch.cat([torch.stack(losses), torch.stack(finites).float()[:, None]], dim=1).tolist()  # [loss parts..., finite] per step
+    values = [row[0] for row in rows]
+    for step, row, lr in zip(steps, rows, lrs):
+        loss, finite = row[0], row[-1]
         run.nonfinite_in_a_row = 0 if finite else run.nonfinite_in_a_row + 1
         run.nonfinite_total += not finite
-        if run.nonfinite_in_a_row >= run.args.max_nonfinite_steps:
-            last = list_checkpoints(run.args.output_dir)
+        if run.nonfinite_in_a_row >= run.cfg.optim.max_nonfinite_steps:
+            last = list_checkpoints(run.cfg.output.output_dir)
             raise NonFiniteLoss(
                 f"stopped at step {step}: {run.nonfinite_in_a_row} non-finite losses in a row (NaN/inf). "
                 f"Last good checkpoint: {last[-1][1] if last else 'none'}. Try --mixed_precision bf16 or a lower --learning_rate"
@@ -1068,8 +1237,12 @@ def read_losses(run):
         logs = {"train/lr": lr, "train/skipped_steps": run.nonfinite_total}
         if finite:
             logs["train/loss"] = loss
+            if len(row) == 4:  # prior preservation: total, instance, class, finite
+                logs["train/instance_loss"], logs["train/class_loss"] = row[1], row[2]
         run.accelerator.log(logs, step=step)
         run.info["loss_history"].append([step, loss if finite else None])
+        if len(row) == 4:
+            run.info["class_loss_history"].append([step, row[2] if finite else None])
     run.progress.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{lrs[-1]:.2e}", refresh=False)
     run.clock.append((steps[-1], time.perf_counter()))  # the device has just caught up: a true time
 
@@ -1097,62 +1270,75 @@ def validate(run, global_step):
         run.validate(run.unwrapped, global_step)
 
 
-def train(args):
-    run = setup(args)
-    accelerator = run.accelerator
-    global_step = resume_checkpoint(run, args) if run.resume_plan else 0
-    if args.report_to != "none":
-        accelerator.init_trackers("wuerstchen-prior-lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()})
+def train(cfg):
+    run = setup(cfg)
+    accelerator, optim = run.accelerator, cfg.optim
+    global_step = resume_checkpoint(run, cfg) if run.resume_plan else 0
+    if cfg.output.report_to != "none":
+        tracked = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.flat().items()}
+        accelerator.init_trackers(cfg.output.tracker_project_name, config=tracked)
     from wuerstchen_lora.data import describe_effective_batch
 
     # True also for a dataset smaller than one batch or one accumulation window (windows end with the epoch).
-    effective_batch = describe_effective_batch(len(run.dataloader.dataset), args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps,
+    effective_batch = describe_effective_batch(len(run.dataloader.dataset), optim.train_batch_size, accelerator.num_processes, optim.gradient_accumulation_steps,
                                                len(run.dataloader), padded=accelerator.num_processes > 1 or run.bucket_sampler is not None)
-    accelerator.print(f"{len(run.dataloader.dataset)} samples, {run.max_steps} steps, {effective_batch}, {args.mixed_precision} on {accelerator.device}")
-    if not args.max_train_steps and args.lr_scheduler != "constant" and args.lr_warmup_steps >= run.max_steps and accelerator.is_main_process:
-        warn(f"--lr_warmup_steps {args.lr_warmup_steps} is not shorter than the run ({run.max_steps} steps): "
-             f"the learning rate never reaches --learning_rate {args.learning_rate:g}")
+    accelerator.print(f"{len(run.dataloader.dataset)} samples, {run.max_steps} steps, {effective_batch}, {optim.mixed_precision} on {accelerator.device}")
+    if not optim.max_train_steps and optim.lr_scheduler != "constant" and optim.lr_warmup_steps >= run.max_steps and accelerator.is_main_process:
+        warn(f"--lr_warmup_steps {optim.lr_warmup_steps} is not shorter than the run ({run.max_steps} steps): "
+             f"the learning rate never reaches --learning_rate {optim.learning_rate:g}")
 
     from tqdm.auto import tqdm
 
     run.progress = tqdm(total=run.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    run.clock.append((global_step, time.perf_counter()))
-    # Resume point: whole epochs done, then the batches of the current epoch already consumed.
-    first_epoch, skip = divmod(global_step, run.steps_per_epoch) if global_step < run.max_steps else (math.ceil(run.max_steps / run.steps_per_epoch), 0)
-    skip *= args.gradient_accumulation_steps
     with run.progress, stop_on_signals(run):  # the bar closes on any exit: an error starts on its own line
         # Written once signals are handled: from the moment args.json exists, a SIGTERM ends in a
         # checkpoint (at the first update if none has run yet), never in the default exit.
         if accelerator.is_main_process:
-            atomic_write_json(os.path.join(args.output_dir, "args.json"), vars(args))
-        for epoch in range(first_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
-            run.dataloader.set_epoch(epoch)  # the data order...
-            run.examples.set_epoch(epoch)  # ...and augmentation, captions and noise (accelerate skips this with several processes)
-            if run.bucket_sampler is not None:
-                run.bucket_sampler.set_epoch(epoch)  # a custom batch sampler under accelerate's shard: ours to set
-            batches = accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader
-            for batch_index, batch in enumerate(batches, start=skip):
-                update = guarded_step(run, batch, epoch, batch_index)
-                if update is not None:
-                    global_step += 1
-                    after_update(run, *update, global_step)
-                    if global_step >= run.max_steps:
-                        break
-            skip = 0
-        read_losses(run)  # steps since the last read, when the data ran out before a logging step
+            atomic_write_json(os.path.join(cfg.output.output_dir, "args.json"), cfg.to_dict())
+        global_step = run_epochs(run, global_step)
+    finish(run, global_step)
+    return global_step
 
+
+def run_epochs(run, global_step):
+    """The loop: epochs of micro-batches from the resume point; returns the last optimiser step."""
+    accumulation, accelerator = run.cfg.optim.gradient_accumulation_steps, run.accelerator
+    run.clock.append((global_step, time.perf_counter()))
+    # Resume point: whole epochs done, then the batches of the current epoch already consumed.
+    first_epoch, skip = divmod(global_step, run.steps_per_epoch) if global_step < run.max_steps else (math.ceil(run.max_steps / run.steps_per_epoch), 0)
+    skip *= accumulation
+    for epoch in range(first_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
+        run.dataloader.set_epoch(epoch)  # the data order...
+        run.examples.set_epoch(epoch)  # ...and augmentation, captions and noise (accelerate skips this with several processes)
+        if run.bucket_sampler is not None:
+            run.bucket_sampler.set_epoch(epoch)  # a custom batch sampler under accelerate's shard: ours to set
+        batches = accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader
+        for batch_index, batch in enumerate(batches, start=skip):
+            update = guarded_step(run, batch, epoch, batch_index)
+            if update is not None:
+                global_step += 1
+                after_update(run, *update, global_step)
+                if global_step >= run.max_steps:
+                    break
+        skip = 0
+    read_losses(run)  # steps since the last read, when the data ran out before a logging step
+    return global_step
+
+
+def finish(run, global_step):
+    """The final validation, the output files, the summary and the upload."""
+    cfg, accelerator = run.cfg, run.accelerator
     accelerator.wait_for_everyone()
     run.info["global_step"] = global_step
     run.info["data"]["skipped_nonfinite_steps"] = run.nonfinite_total
     run.info["speed"] = speed_report(run)
-    if global_step % args.validation_steps:  # the final state, unless it was just validated
+    if global_step % run.validation_every:  # the final state, unless it was just validated
         validate(run, global_step)
-    write_outputs(run, args, run.info)
+    write_outputs(run, cfg, run.info)
     print_summary(accelerator, run.info["data"])
     accelerator.end_training()
-    if args.push_to_hub and accelerator.is_main_process:
-        push_to_hub(args)
-    return global_step
+    if cfg.hub.push_to_hub and accelerator.is_main_process:
+        push_to_hub(cfg.hub, cfg.output.output_dir)
 
 
 def print_summary(accelerator, report):
@@ -1169,10 +1355,10 @@ def print_summary(accelerator, report):
 def main(argv=None):
     from wuerstchen_lora.guard import release_run_lock, write_failure_message
 
-    args = None
+    cfg = None
     try:
-        args = parse_args(argv)
-        train(args)
+        cfg = parse_args(argv)
+        train(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1186,7 +1372,7 @@ def main(argv=None):
         print("interrupted before a checkpoint could be written; nothing was saved", file=sys.stderr)
         return 130
     except Exception as e:  # a full disk, a read-only or forbidden folder: one line; anything else: the traceback
-        message = write_failure_message(e, args)
+        message = write_failure_message(e, cfg.output.output_dir if cfg else None)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)

@@ -37,28 +37,32 @@ def prior_sharding(accelerator):
     return None
 
 
-def make_validator(args, accelerator, text_encoder, tokenizer, scheduler, dtype, bucket=None):
+def make_validator(cfg, accelerator, text_encoder, tokenizer, scheduler, dtype, bucket=None):
     """The Validator for --validation_prompts (decoder loaded now), or None: no prompts, or a sharded prior."""
-    if not args.validation_prompts:
+    if not cfg.validation.validation_prompts:
         return None
     sharding = prior_sharding(accelerator)
     if sharding:
         accelerator.print(f"note: validation images are not rendered under {sharding} (the main process cannot run a sharded prior alone); "
                           "use infer.py on a checkpoint-N folder")
         return None
-    return Validator(args, accelerator, text_encoder, tokenizer, scheduler, dtype, bucket)
+    w, h = bucket or (cfg.data.resolution, cfg.data.resolution)
+    return Validator(cfg.model.pretrained_decoder_model_name_or_path, cfg.validation.validation_prompts, cfg.seed,
+                     os.path.join(cfg.output.output_dir, "validation"), (w, h), accelerator, text_encoder, tokenizer, scheduler, dtype)
 
 
-def make_held_out_loss(held_out, args, accelerator, encode_image, encode_text):
-    """The HeldOutLoss for --validation_split/--validation_dataset, or None: no held-out set, or a sharded prior."""
-    if held_out is None:
+def make_held_out_loss(loaded, cfg, accelerator, encoders):
+    """The HeldOutLoss for --validation_split/--validation_dataset, or None: no held-out set, or a sharded prior.
+    `loaded`: recipe.LoadedData; `encoders`: recipe.Encoders."""
+    if loaded.held_out is None:
         return None
     sharding = prior_sharding(accelerator)
     if sharding:
         accelerator.print(f"note: the held-out validation loss is not computed under {sharding} (the main process cannot run a sharded prior alone); "
                           "its images still stay out of training")
         return None
-    return HeldOutLoss(held_out, args.image_column, args.caption_column, args, encode_image, encode_text)
+    return HeldOutLoss(loaded.held_out, (loaded.image_column, loaded.caption_column), cfg.data.resolution, cfg.data.caption_prefix,
+                       cfg.optim.train_batch_size, cfg.seed, encoders.image, encoders.text)
 
 
 class Validator:
@@ -69,12 +73,12 @@ class Validator:
     It waits on the CPU between validations.
     """
 
-    def __init__(self, args, accelerator, text_encoder, tokenizer, scheduler, dtype, bucket=None):
-        self.args, self.accelerator = args, accelerator
+    def __init__(self, decoder_path, prompts, seed, folder, size, accelerator, text_encoder, tokenizer, scheduler, dtype):
+        self.prompts, self.seed, self.folder, self.accelerator = list(prompts), seed, folder, accelerator
         self.text_encoder, self.tokenizer, self.scheduler, self.dtype = text_encoder, tokenizer, scheduler, dtype
         self.decoder, error = None, None
         if accelerator.is_main_process:
-            path = args.pretrained_decoder_model_name_or_path
+            path = decoder_path
             if (os.path.isabs(path) or path.startswith(("./", "../", "~")) or path.count("/") > 1) and not os.path.isdir(os.path.expanduser(path)):
                 error = (f"--pretrained_decoder_model_name_or_path {path}: no such folder; give the decoder's hub id "
                          f"({DEFAULT_DECODER}) or a folder laid out like it, or leave out --validation_prompts")
@@ -90,32 +94,31 @@ class Validator:
         if error is not None:
             raise UserError(error)
         # The output size that matches the training size (about 4/3 of it): the square, or the most common bucket.
-        w, h = bucket or (args.resolution, args.resolution)
+        w, h = size
         self.width, self.height = output_size_for_training_resolution(w), output_size_for_training_resolution(h)
 
     def __call__(self, prior, step):
         from diffusers import DDPMWuerstchenScheduler
 
-        args, accelerator = self.args, self.accelerator
+        accelerator = self.accelerator
         self.decoder.to(accelerator.device)
         pipeline = build_prior_pipeline(prior, self.text_encoder, self.tokenizer, DDPMWuerstchenScheduler.from_config(self.scheduler.config))
         pipeline.set_progress_bar_config(disable=True)
         was_training = prior.training
         prior.eval()
-        generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+        generator = torch.Generator(device=accelerator.device).manual_seed(self.seed)
         home = self.text_encoder.device  # the CPU once the embedding cache is built
         self.text_encoder.to(accelerator.device)
         with torch.autocast(accelerator.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            images = generate_images(pipeline, self.decoder, args.validation_prompts, height=self.height, width=self.width, generator=generator)
+            images = generate_images(pipeline, self.decoder, self.prompts, height=self.height, width=self.width, generator=generator)
         self.text_encoder.to(home)
         self.decoder.to("cpu")  # its device memory is the training's again
         prior.train(was_training)
-        folder = os.path.join(args.output_dir, "validation")
         paths = []
         for i, image in enumerate(images):
-            paths.append(os.path.join(folder, f"step-{step:06d}-{i}.png"))
+            paths.append(os.path.join(self.folder, f"step-{step:06d}-{i}.png"))
             save_png(image, paths[-1])
-        log_images(accelerator, images, args.validation_prompts, step)
+        log_images(accelerator, images, self.prompts, step)
         return paths
 
 
@@ -135,17 +138,18 @@ class HeldOutLoss:
     """Embeddings of held-out images (centre crop, no flip, first caption), encoded once, with a
     fixed noise per sample and timestep; `__call__` gives the prior's mean loss on them."""
 
-    def __init__(self, dataset, image_column, caption_column, args, encode_image, encode_text):
+    def __init__(self, dataset, columns, resolution, caption_prefix, batch_size, seed, encode_image, encode_text):
         from wuerstchen_lora.data import ImageTransform, pick_caption
 
-        transform = ImageTransform(args.resolution, center_crop=True, random_flip=False)
+        image_column, caption_column = columns
+        transform = ImageTransform(resolution, center_crop=True, random_flip=False)
         self.batches = []
-        for start in range(0, len(dataset), args.train_batch_size):
-            rows = [dataset[i] for i in range(start, min(start + args.train_batch_size, len(dataset)))]
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             pixels = torch.stack([transform(row[image_column], None) for row in rows])
-            captions = [args.caption_prefix + pick_caption(_first(row[caption_column]), None) for row in rows]
+            captions = [caption_prefix + pick_caption(_first(row[caption_column]), None) for row in rows]
             image = encode_image(pixels).float().cpu()
-            g = torch.Generator().manual_seed(args.seed + start)
+            g = torch.Generator().manual_seed(seed + start)
             noise = torch.randn((len(HELD_OUT_TIMESTEPS),) + tuple(image.shape), generator=g)
             self.batches.append((image, encode_text(captions).cpu(), noise))
         self.size = len(dataset)
