@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from wuerstchen_lora.hub import resolve_lora_spec
 from wuerstchen_lora.models import (
     ADAPTER_NAME,
     DEFAULT_DECODER,
@@ -31,7 +32,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate images with a trained Wuerstchen prior LoRA: prior + LoRA -> decoder -> image files.", allow_abbrev=False)
-    p.add_argument("--checkpoint", required=True, help="training output folder, a checkpoint-N folder, or the .safetensors file")
+    p.add_argument("--checkpoint", required=True, help="training output folder, a checkpoint-N folder, the .safetensors file, or a hub repo id (user/repo) holding " + LORA_WEIGHTS_NAME + " (a local path that exists wins)")
+    p.add_argument("--revision", default=None, help="with a hub repo --checkpoint: the branch, tag or commit (default: main)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="the prompt")
     prompt.add_argument("--prompt_file", help="a text file with one prompt per line (blank lines ignored)")
@@ -84,15 +86,9 @@ def parse_args(argv=None):
     return args
 
 
-def resolve_lora_path(checkpoint):
-    if os.path.isdir(checkpoint):
-        path = os.path.join(checkpoint, LORA_WEIGHTS_NAME)
-        if not os.path.isfile(path):
-            raise UserError(f"--checkpoint {checkpoint}: no {LORA_WEIGHTS_NAME} in this folder; give a training output or checkpoint-N folder")
-        return path
-    if not os.path.isfile(checkpoint):
-        raise UserError(f"--checkpoint {checkpoint}: no such file or folder")
-    return checkpoint
+def resolve_lora_path(checkpoint, revision=None):
+    """The local LoRA file: from a folder, the file itself, or a hub repo (downloaded or cached)."""
+    return resolve_lora_spec(checkpoint, revision, flag="--checkpoint")
 
 
 def check_output_type(output):
@@ -197,7 +193,7 @@ def note_long_prompts(tokenizer, prompts, negative_prompt=None):
 
 def run(args):
     quiet_library_logs()
-    lora_path = resolve_lora_path(args.checkpoint)
+    lora_path = resolve_lora_path(args.checkpoint, args.revision)
     check_lora_file(lora_path)  # before minutes of model loading
     if args.save_merged_prior:
         return save_merged_prior(args, lora_path)
