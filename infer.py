@@ -3,6 +3,7 @@
 
     python infer.py --checkpoint out --prompt "yoda pokemon"
     python infer.py --checkpoint out/checkpoint-500 --prompt "yoda pokemon" --num_images 4 --output yoda.png
+    python infer.py --checkpoint someone/my-wuerstchen-lora --revision main --prompt "yoda pokemon"   # a LoRA on the hub
 
 The base prior and decoder come from the `training_info.json` that training wrote beside the LoRA
 file (else the hub defaults); `--prior_model`/`--decoder_model` override them.

@@ -28,7 +28,12 @@ def test_readme_shows_both_scripts():
 
 
 def test_every_readme_command_parses(monkeypatch):
+    from wuerstchen_lora import warmstart
+
     monkeypatch.setattr(trainer.os.path, "isdir", lambda p: True)  # resume folders named in the README
+    # --init_lora's file is read while the flags are checked: the README's `out` is a run it has not made
+    settings = {"r": 8, "lora_alpha": 8.0, "target_modules": ["to_k", "to_out.0", "to_q", "to_v"], "use_dora": False, "use_rslora": False}
+    monkeypatch.setattr(warmstart, "read_init_lora", lambda spec, revision=None: ({}, settings))
     for command in readme_commands():
         words = shlex.split(command, comments=True)
         script = next(i for i, w in enumerate(words) if w.endswith(".py"))
