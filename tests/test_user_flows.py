@@ -226,3 +226,40 @@ def test_warm_start_trains_and_refuses_a_clash(tiny, trained, tmp_path, capsys):
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "rank" in err, err
     assert not (tmp_path / "clash").exists()
     shutil.rmtree(out)
+
+
+def test_subject_warm_start_buckets_uncached_in_one_run_loads_in_diffusers(tiny, trained, instance_images, tmp_path):
+    """The new paths together (prior preservation, a warm start, buckets, no cache, EMA): the LoRA
+    file still loads in plain diffusers, with the same output as the same file loaded by this tool."""
+    from wuerstchen_lora.models import build_prior_pipeline, load_prior_components
+    from wuerstchen_lora.warmstart import load_init_lora, read_init_lora
+
+    out = tmp_path / "out"
+    run_script(subject_args(tiny, instance_images, str(out), "--with_prior_preservation", "--class_prompt", "a photo of a dog",
+                            "--num_class_images", "2", "--init_lora", str(trained), "--aspect_ratio_buckets", "--no_cache_embeddings",
+                            "--use_ema", "--learning_rate", "1e-2", steps=3), launcher="inprocess")
+    lora_file = out / LORA_WEIGHTS_NAME
+    state, settings = read_init_lora(str(lora_file))
+    assert (settings["r"], settings["lora_alpha"]) == (4, 8)
+    prior, text_encoder, tokenizer, scheduler = load_prior_components(tiny["prior"])
+    mine = trainer.parse_args(train_args(tiny, str(tmp_path / "o"), extra=["--init_lora", str(lora_file)])[1:])
+    trainer.add_lora(prior, mine.lora)
+    load_init_lora(prior, state)
+    ours = prior_output(prior)
+    reference, text_encoder, tokenizer, scheduler = load_prior_components(tiny["prior"])
+    pipe = build_prior_pipeline(reference, text_encoder, tokenizer, scheduler)
+    pipe.load_lora_weights(str(out), weight_name=LORA_WEIGHTS_NAME)
+    torch.testing.assert_close(prior_output(pipe.prior), ours, rtol=1e-5, atol=1e-6)
+    start, _ = read_init_lora(str(trained))
+    assert any(not torch.equal(start[k], state[k]) for k in state), "training changed nothing"
+    # the EMA file too: plain diffusers loads it, and it is not the raw weights
+    from wuerstchen_lora.outputs import EMA_WEIGHTS_NAME
+
+    ema_state, _ = read_init_lora(str(out / EMA_WEIGHTS_NAME))
+    load_init_lora(prior, ema_state)
+    ours_ema = prior_output(prior)
+    ema_reference, text_encoder, tokenizer, scheduler = load_prior_components(tiny["prior"])
+    ema_pipe = build_prior_pipeline(ema_reference, text_encoder, tokenizer, scheduler)
+    ema_pipe.load_lora_weights(str(out), weight_name=EMA_WEIGHTS_NAME)
+    torch.testing.assert_close(prior_output(ema_pipe.prior), ours_ema, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ours_ema, ours, atol=1e-6)
