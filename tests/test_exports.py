@@ -57,6 +57,11 @@ def test_hub_upload_plan_and_offline_error(trained):
     assert {"pytorch_lora_weights.safetensors", "README.md", "training_info.json", "args.json",
             "peft_adapter/adapter_model.safetensors", "peft_adapter/adapter_config.json"} <= set(plan)
     assert any(p.startswith("validation/") for p in plan)
+    # the model card shows the validation grid and the loss curve, and both travel with it
+    assert {"validation_grid.png", "loss_curve.png"} <= set(plan)
+    card = (trained / "README.md").read_text()
+    assert "![validation images](validation_grid.png)" in card and "![training loss](loss_curve.png)" in card
+    assert "url: validation/step-000030-0.png" in card
     assert not any(p.startswith(("checkpoint-", "embeddings_cache", "logs")) for p in plan)
     from wuerstchen_lora.config import HubConfig
 

@@ -263,3 +263,21 @@ def test_subject_warm_start_buckets_uncached_in_one_run_loads_in_diffusers(tiny,
     ema_pipe.load_lora_weights(str(out), weight_name=EMA_WEIGHTS_NAME)
     torch.testing.assert_close(prior_output(ema_pipe.prior), ours_ema, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(ours_ema, ours, atol=1e-6)
+
+
+def test_prior_preservation_resumes_exactly(tiny, instance_images, tmp_path):
+    """Interrupted at a checkpoint and resumed == uninterrupted, class examples included (their order
+    comes from (seed, epoch, batch), not from how far an iterator got)."""
+    extra = ["--with_prior_preservation", "--class_prompt", "a photo of a dog", "--num_class_images", "3",
+             "--checkpointing_steps", "3", "--learning_rate", "1e-2"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_script(subject_args(tiny, instance_images, str(full), *extra, steps=6), launcher="inprocess")
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    run_script(subject_args(tiny, instance_images, str(resumed), *extra, "--resume_from_checkpoint", "latest", steps=6), launcher="inprocess")
+    a, b = load_file(str(full / LORA_WEIGHTS_NAME)), load_file(str(resumed / LORA_WEIGHTS_NAME))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    history = json.loads((resumed / "training_info.json").read_text())["class_loss_history"]
+    full_history = dict(map(tuple, json.loads((full / "training_info.json").read_text())["class_loss_history"]))
+    assert [s for s, _ in history] == [4, 5, 6] and all(abs(full_history[s] - v) < 1e-6 for s, v in history)
