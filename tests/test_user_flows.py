@@ -225,6 +225,9 @@ def test_warm_start_trains_and_refuses_a_clash(tiny, trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "rank" in err, err
     assert not (tmp_path / "clash").exists()
+    with pytest.raises(UserError, match="the file has to_k,to_out.0,to_q,to_v"):
+        trainer.parse_args(train_args(tiny, str(tmp_path / "o"), extra=["--init_lora", str(trained), "--lora_targets", "all-linear"])[1:])
+    assert trainer.parse_args(train_args(tiny, str(tmp_path / "o"), extra=["--init_lora", str(trained), "--lora_targets", "attn"])[1:]).lora.rank == 4
     shutil.rmtree(out)
 
 

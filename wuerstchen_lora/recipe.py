@@ -373,6 +373,8 @@ def resolve_lora_flags(v, given):
         chosen = {key: v[flag] for flag, key in flags.items() if flag in given}
         if "lora_target_modules" in given and isinstance(v["lora_target_modules"], str):
             chosen["target_modules"] = sorted(m.strip() for m in v["lora_target_modules"].split(",") if m.strip())
+        elif "lora_targets" in given:  # a preset must agree with the file's modules as well
+            chosen["target_modules"] = sorted(LORA_TARGET_PRESETS[v["lora_targets"]])
         check_init_lora_settings(settings, chosen)
         v.update(rank=settings["r"], lora_alpha=float(settings["lora_alpha"]), lora_target_modules=list(settings["target_modules"]),
                  use_dora=bool(settings.get("use_dora")), use_rslora=bool(settings.get("use_rslora")))
