@@ -11,9 +11,17 @@ import random
 import re
 import sys
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+
+if TYPE_CHECKING:  # the types Run declares; imported where they are used, after the flags are checked
+    import accelerate
+    import diffusers
+    import peft
+    import tqdm
+
+    from wuerstchen_lora import cache, data, guard, subject, validation
 
 from wuerstchen_lora.config import TrainConfig
 from wuerstchen_lora.models import (
@@ -924,37 +932,37 @@ class Run:
     the order setup() fills it."""
 
     cfg: TrainConfig
-    accelerator: Any
-    resume_plan: Any = None  # guard.ResumePlan: the checkpoint to resume, checked before anything loads
-    data: LoadedData = None  # the checked training data (setup_data)
-    training_data: dict = None  # its fingerprint, recorded in checkpoints and compared on resume
+    accelerator: "accelerate.Accelerator"
+    resume_plan: Optional["guard.ResumePlan"] = None  # the checkpoint to resume, checked before anything loads
+    data: Optional[LoadedData] = None  # the checked training data (setup_data)
+    training_data: Optional[dict] = None  # its fingerprint, recorded in checkpoints and compared on resume
     # frozen parts
     dtype: torch.dtype = torch.float32
-    encoders: Encoders = None
-    scheduler: Any = None
-    held_out_loss: Any = None  # validation.HeldOutLoss or None
-    validate: Any = None  # validation.Validator or None
-    class_examples: Any = None  # subject.ClassExamples with --with_prior_preservation, else None
+    encoders: Optional[Encoders] = None
+    scheduler: Optional["diffusers.DDPMWuerstchenScheduler"] = None
+    held_out_loss: Optional["validation.HeldOutLoss"] = None
+    validate: Optional["validation.Validator"] = None
+    class_examples: Optional["subject.ClassExamples"] = None  # with --with_prior_preservation
     # what trains
-    examples: Any = None  # cache.CachedExamples or data.CaptionedImages
-    lora_config: Any = None
-    params: list = None  # the trainable LoRA weights: one list for the optimiser, clipping and EMA
-    param_names: list = None
-    prior: Any = None  # as accelerate prepared it
-    unwrapped: Any = None  # the plain prior with its adapter
-    optimizer: Any = None
-    lr_scheduler: Any = None
-    dataloader: Any = None
-    bucket_sampler: Any = None
-    ema: Any = None
+    examples: Optional["cache.CachedExamples | data.CaptionedImages"] = None
+    lora_config: Optional["peft.LoraConfig"] = None
+    params: Optional[list] = None  # the trainable LoRA weights: one list for the optimiser, clipping and EMA
+    param_names: Optional[list] = None
+    prior: Optional[torch.nn.Module] = None  # as accelerate prepared it
+    unwrapped: Optional["diffusers.WuerstchenPrior"] = None  # the plain prior with its adapter
+    optimizer: Optional["accelerate.optimizer.AcceleratedOptimizer"] = None
+    lr_scheduler: Optional["accelerate.scheduler.AcceleratedScheduler"] = None
+    dataloader: Optional[torch.utils.data.DataLoader] = None  # as accelerate prepared it
+    bucket_sampler: Optional["data.BucketBatchSampler"] = None
+    ema: Optional["diffusers.training_utils.EMAModel"] = None
     compiled: bool = False
     compiled_shapes: set = dataclasses.field(default_factory=set)
     steps_per_epoch: int = 0
     max_steps: int = 0
     validation_every: int = 0  # --validation_steps, or --validation_epochs in steps
-    info: dict = None  # training_info.json
+    info: Optional[dict] = None  # training_info.json
     # the loop's own state (train())
-    progress: Any = None
+    progress: Optional["tqdm.tqdm"] = None
     window_losses: list = dataclasses.field(default_factory=list)  # the accumulation window's losses, on the device
     pending: list = dataclasses.field(default_factory=list)  # (step, losses, finite, lr) not read back yet
     clock: list = dataclasses.field(default_factory=list)  # (step, time) at each read-back
