@@ -104,6 +104,7 @@ def bare_step(cfg, device, precision, rank, batch, grid, kind="lora", checkpoint
     norms in bf16); kind "full" trains every weight (fp32 master weights under autocast), for memory."""
     from diffusers import DDPMWuerstchenScheduler
 
+    from wuerstchen_lora import flags as F
     from wuerstchen_lora import objective
     from wuerstchen_lora import recipe as T
     from wuerstchen_lora.models import use_sdpa_attention
@@ -114,7 +115,7 @@ def bare_step(cfg, device, precision, rank, batch, grid, kind="lora", checkpoint
     if kind == "lora":
         prior.requires_grad_(False).to(dtype=dtype)
         argv = ["--dataset", "unused", "--rank", str(rank), "--lora_alpha", str(rank)] + ["--gradient_checkpointing"] * checkpointing
-        cfg_ = T.parse_args(argv)
+        cfg_ = F.parse_args(argv)
         _, params, _ = T.add_lora(prior, cfg_.lora, cfg_.optim)
         if dtype == torch.bfloat16:
             T.norms_in_activation_dtype(prior, dtype)
@@ -214,6 +215,7 @@ def measure_cache_build(paths, sizes, min_run_time):
     """s/image of the trainer's build_cache over the benchmark images, --cache_batch_size 1 and 8."""
     from accelerate import Accelerator
 
+    from wuerstchen_lora import flags as F
     from wuerstchen_lora import recipe as T
     from wuerstchen_lora.cache import build_cache
     from wuerstchen_lora.data import load_training_dataset
@@ -226,7 +228,7 @@ def measure_cache_build(paths, sizes, min_run_time):
     out = {}
     with tempfile.TemporaryDirectory(prefix="cache-build-") as tmp, torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         for batch in (1, 8):
-            args = T.parse_args(["--dataset", paths["dataset"], "--resolution", str(sizes["resolution"]), "--center_crop", "--cache_batch_size", str(batch)])
+            args = F.parse_args(["--dataset", paths["dataset"], "--resolution", str(sizes["resolution"]), "--center_crop", "--cache_batch_size", str(batch)])
             build = lambda: build_cache(tempfile.mkdtemp(dir=tmp), dataset, (image_column, caption_column), args.data, args.cache,  # noqa: E731
                                         encoders.image, encoders.text, accelerator)  # noqa: E731 (a fresh folder each call)
             out[str(batch)] = time_it(build, min_run_time)["s"] / len(dataset)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import OneProcess, make_image_dataset, run_script, train_args
 
-from wuerstchen_lora import objective
+from wuerstchen_lora import flags, objective
 from wuerstchen_lora import recipe as trainer
 from wuerstchen_lora.cache import (
     MANIFEST,
@@ -22,7 +22,7 @@ from wuerstchen_lora.models import load_image_encoder, load_prior_components
 
 
 def cache_args(tiny, **overrides):
-    args = trainer.parse_args(["--dataset", tiny["dataset"], "--pretrained_prior_model_name_or_path", tiny["prior"],
+    args = flags.parse_args(["--dataset", tiny["dataset"], "--pretrained_prior_model_name_or_path", tiny["prior"],
                                "--image_encoder", tiny["image_encoder"], "--resolution", "64"])
     return with_changes(args, **overrides)
 
@@ -208,9 +208,9 @@ def test_8bit_adam_without_bitsandbytes_says_how_to_fix(tiny, monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_bnb)
-    for flags in (["--use_8bit_adam"], ["--optimizer", "adamw8bit"]):
+    for given in (["--use_8bit_adam"], ["--optimizer", "adamw8bit"]):
         with pytest.raises(trainer.UserError, match="pip install bitsandbytes"):
-            trainer.parse_args(["--dataset", tiny["dataset"], *flags])
+            flags.parse_args(["--dataset", tiny["dataset"], *given])
     args = cache_args(tiny)
     assert isinstance(trainer.make_optimizer(args.optim, [torch.nn.Parameter(torch.zeros(2))], "cpu"), torch.optim.AdamW)
 

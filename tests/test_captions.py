@@ -3,8 +3,7 @@
 import torch
 from conftest import OneProcess, make_image_dataset, run_script, train_args
 
-from wuerstchen_lora import objective
-from wuerstchen_lora import recipe as trainer
+from wuerstchen_lora import flags, objective
 from wuerstchen_lora.cache import CachedExamples, build_cache
 from wuerstchen_lora.data import CaptionOptions, load_training_dataset, sample_plan
 from wuerstchen_lora.models import load_image_encoder, load_prior_components
@@ -50,7 +49,7 @@ def test_non_utf8_caption_count_is_per_load(tmp_path):
 def test_cached_dropout_shuffle_and_repeats(tiny, tmp_path):
     prior, text_encoder, tokenizer, _ = load_prior_components(tiny["prior"])
     image_encoder = load_image_encoder(tiny["image_encoder"])
-    args = trainer.parse_args(["--dataset", tiny["dataset"], "--resolution", "64", "--center_crop", "--caption_prefix", "sks, "])
+    args = flags.parse_args(["--dataset", tiny["dataset"], "--resolution", "64", "--center_crop", "--caption_prefix", "sks, "])
     dataset, image_column, caption_column = load_training_dataset(args.data.dataset)
     encode_text = lambda captions: objective.encode_text(text_encoder, tokenizer, captions, "cpu")  # noqa: E731
     opts = CaptionOptions(prefix="sks, ", dropout=0.5)

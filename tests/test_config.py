@@ -5,16 +5,22 @@ import json
 
 import pytest
 
-from wuerstchen_lora import recipe as trainer
-from wuerstchen_lora.config import GROUPS, TrainConfig, flatten_record, from_values, with_changes
+from wuerstchen_lora import flags
+from wuerstchen_lora.config import (
+    GROUPS,
+    TrainConfig,
+    flatten_record,
+    from_values,
+    with_changes,
+)
 
 # Flags read once and folded into others: --use_8bit_adam into --optimizer, --local_rank dropped.
 FOLDED = {"use_8bit_adam", "local_rank"}
 
 
 def all_flags():
-    parser = trainer.ArgumentParser()
-    for add in (trainer.add_model_flags, trainer.add_data_flags, trainer.add_optimisation_flags, trainer.add_output_flags):
+    parser = flags.ArgumentParser()
+    for add in (flags.add_model_flags, flags.add_data_flags, flags.add_optimisation_flags, flags.add_output_flags):
         add(parser)
     return {a.dest for a in parser._actions if a.dest != "help"}
 
@@ -26,7 +32,7 @@ def test_every_flag_is_one_field_of_one_group():
 
 
 def test_config_is_frozen_and_records_itself(tmp_path):
-    cfg = trainer.parse_args(["--dataset", "d", "--output_dir", str(tmp_path / "o"), "--lora_target_modules", "to_q,to_k", "--validation_prompts", "a", "b"])
+    cfg = flags.parse_args(["--dataset", "d", "--output_dir", str(tmp_path / "o"), "--lora_target_modules", "to_q,to_k", "--validation_prompts", "a", "b"])
     assert isinstance(cfg, TrainConfig)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optim.learning_rate = 1.0

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tools.make_tiny_models import make_image_dataset
+from wuerstchen_lora import flags
 from wuerstchen_lora import recipe as trainer
 from wuerstchen_lora.data import describe_effective_batch, load_training_dataset
 from wuerstchen_lora.models import UserError
@@ -258,17 +259,17 @@ def test_rank_larger_than_the_layers(tiny, tmp_path, capsys):
     line = refused(base + ["--rank", "64"], capsys)  # the tiny prior's attention is c = 32 wide
     assert "--rank 64 is larger than every adapted layer is wide (at most 32 features" in line and "use --rank 32 or less" in line
     nothing_written(tmp_path / "out")
-    trainer.parse_args(base + ["--rank", "16", "--lora_targets", "all-linear"])  # only the timestep mapper (c_r = 8) is narrower
+    flags.parse_args(base + ["--rank", "16", "--lora_targets", "all-linear"])  # only the timestep mapper (c_r = 8) is narrower
     err = capsys.readouterr().err
     assert err.startswith("warning: --rank 16 is larger than mapper (8 wide)") and len(err.splitlines()) == 1, err
-    trainer.parse_args(base + ["--rank", "32"])
+    flags.parse_args(base + ["--rank", "32"])
     assert capsys.readouterr().err == ""
 
 
 def test_warmup_longer_than_the_run_or_ignored(capsys):
-    trainer.parse_args(["--dataset", "data", "--max_train_steps", "10", "--lr_warmup_steps", "10", "--lr_scheduler", "cosine"])
+    flags.parse_args(["--dataset", "data", "--max_train_steps", "10", "--lr_warmup_steps", "10", "--lr_scheduler", "cosine"])
     assert "warning: --lr_warmup_steps 10 is not shorter than the run (10 steps)" in capsys.readouterr().err
-    trainer.parse_args(["--dataset", "data", "--max_train_steps", "100", "--lr_warmup_steps", "10"])
+    flags.parse_args(["--dataset", "data", "--max_train_steps", "100", "--lr_warmup_steps", "10"])
     assert "warning: --lr_warmup_steps 10 does nothing with --lr_scheduler constant" in capsys.readouterr().err
 
 
@@ -300,12 +301,12 @@ def test_every_numeric_flag_takes_a_negative_number(monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(argparse.ArgumentParser, "parse_args", spy)
-        trainer.parse_args(["--dataset", "data"])
+        flags.parse_args(["--dataset", "data"])
     assert len(parser_actions) > 20
     for action in parser_actions:
         flag, value = action.option_strings[0], "-1e-3" if action.type.__name__ == "float" else "-1"
         try:
-            args = trainer.parse_args(["--dataset", "data", flag, value])
+            args = flags.parse_args(["--dataset", "data", flag, value])
         except UserError as e:
             assert str(e).startswith(flag + " ") or flag in str(e), (flag, str(e))
         else:

@@ -9,6 +9,7 @@ import torch
 from conftest import prior_output, run_script, train_args
 from safetensors.torch import load_file
 
+from wuerstchen_lora import flags
 from wuerstchen_lora import recipe as trainer
 from wuerstchen_lora.models import LORA_WEIGHTS_NAME, load_prior_components
 
@@ -220,11 +221,11 @@ def test_bf16_norms_remove_dtype_copies_under_cuda_autocast(tiny):
 
 
 def test_gradient_checkpointing_flag_values():
-    assert trainer.parse_args(["--dataset", "d", "--gradient_checkpointing"]).optim.gradient_checkpointing == 1.0
-    assert trainer.parse_args(["--dataset", "d", "--gradient_checkpointing", "0.25"]).optim.gradient_checkpointing == 0.25
-    assert trainer.parse_args(["--dataset", "d"]).optim.gradient_checkpointing == 0.0
+    assert flags.parse_args(["--dataset", "d", "--gradient_checkpointing"]).optim.gradient_checkpointing == 1.0
+    assert flags.parse_args(["--dataset", "d", "--gradient_checkpointing", "0.25"]).optim.gradient_checkpointing == 0.25
+    assert flags.parse_args(["--dataset", "d"]).optim.gradient_checkpointing == 0.0
     with pytest.raises(trainer.UserError, match=r"--gradient_checkpointing must be in \(0, 1\] \(got 1.5\)"):
-        trainer.parse_args(["--dataset", "d", "--gradient_checkpointing", "1.5"])
+        flags.parse_args(["--dataset", "d", "--gradient_checkpointing", "1.5"])
 
 
 def test_benchmark_device_path_runs_on_the_cpu(tmp_path):

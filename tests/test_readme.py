@@ -4,6 +4,7 @@ import re
 import shlex
 from pathlib import Path
 
+from wuerstchen_lora import flags
 from wuerstchen_lora import inference as infer
 from wuerstchen_lora import recipe as trainer
 
@@ -43,4 +44,4 @@ def test_every_readme_command_parses(monkeypatch):
         if words[script].endswith("infer.py"):
             infer.parse_args(argv)
         else:
-            trainer.parse_args(argv)
+            flags.parse_args(argv)

@@ -8,7 +8,7 @@ from conftest import prior_output, run_script, train_args
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from wuerstchen_lora import objective
+from wuerstchen_lora import flags, objective
 from wuerstchen_lora import recipe as trainer
 from wuerstchen_lora.models import (
     LORA_WEIGHTS_NAME,
@@ -109,7 +109,7 @@ def test_saved_file_loads_in_plain_diffusers_with_alpha(trained, tiny):
 
 def test_only_lora_weights_change(tiny):
     """A few real optimiser steps through the script's own functions: base weights stay bit-identical."""
-    args = trainer.parse_args(["--dataset", tiny["dataset"], "--pretrained_prior_model_name_or_path", tiny["prior"],
+    args = flags.parse_args(["--dataset", tiny["dataset"], "--pretrained_prior_model_name_or_path", tiny["prior"],
                                "--image_encoder", tiny["image_encoder"], "--rank", "4", "--learning_rate", "1e-2"])
     prior, text_encoder, tokenizer, scheduler, image_encoder = trainer.load_frozen_models(args.model, "cpu", torch.float32)
     before = {k: v.clone() for k, v in prior.state_dict().items()}
@@ -204,18 +204,18 @@ def test_sdpa_attention_matches_classic(tiny):
 
 def test_mixed_precision_falls_back_to_fp32_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert trainer.resolve_mixed_precision("fp16")[0] == "no"
-    assert "fp32" in trainer.resolve_mixed_precision("bf16")[1]
-    assert trainer.resolve_mixed_precision(None) == ("no", None)
+    assert flags.resolve_mixed_precision("fp16")[0] == "no"
+    assert "fp32" in flags.resolve_mixed_precision("bf16")[1]
+    assert flags.resolve_mixed_precision(None) == ("no", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
-    assert trainer.resolve_mixed_precision(None) == ("fp16", None)
-    assert trainer.resolve_mixed_precision("bf16") == ("bf16", None)
+    assert flags.resolve_mixed_precision(None) == ("fp16", None)
+    assert flags.resolve_mixed_precision("bf16") == ("bf16", None)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    assert trainer.resolve_mixed_precision(None) == ("bf16", None)
+    assert flags.resolve_mixed_precision(None) == ("bf16", None)
     # `accelerate launch --mixed_precision no` (or its default without a config): respected
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    mode, notice = trainer.resolve_mixed_precision(None)
+    mode, notice = flags.resolve_mixed_precision(None)
     assert mode == "no" and "fp32" in notice
-    assert trainer.resolve_mixed_precision("fp16") == ("fp16", None)  # the script's own flag still wins
+    assert flags.resolve_mixed_precision("fp16") == ("fp16", None)  # the script's own flag still wins

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import run_script, train_args
 
-from wuerstchen_lora import objective
+from wuerstchen_lora import flags, objective
 from wuerstchen_lora import recipe as trainer
 from wuerstchen_lora.data import load_training_dataset
 from wuerstchen_lora.models import load_image_encoder, load_prior_components
@@ -25,7 +25,7 @@ class OneProcess:
 def test_held_out_loss_is_fixed_for_fixed_weights(tiny):
     prior, text_encoder, tokenizer, scheduler = load_prior_components(tiny["prior"])
     image_encoder = load_image_encoder(tiny["image_encoder"])
-    args = trainer.parse_args(["--dataset", tiny["dataset"], "--resolution", "64", "--train_batch_size", "3"])
+    args = flags.parse_args(["--dataset", tiny["dataset"], "--resolution", "64", "--train_batch_size", "3"])
     dataset, image_column, caption_column = load_training_dataset(tiny["dataset"])
     held_out = HeldOutLoss(dataset.select(range(5)), (image_column, caption_column), args.data.resolution, args.data.caption_prefix,
                            args.optim.train_batch_size, args.seed,

@@ -9,7 +9,7 @@ from diffusers import WuerstchenPriorPipeline
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from wuerstchen_lora import objective
+from wuerstchen_lora import flags, objective
 from wuerstchen_lora import recipe as trainer
 from wuerstchen_lora.models import (
     LORA_WEIGHTS_NAME,
@@ -20,20 +20,20 @@ from wuerstchen_lora.models import (
 from wuerstchen_lora.outputs import EMA_WEIGHTS_NAME
 
 
-def variant_args(tiny, *flags):
-    return trainer.parse_args(["--dataset", tiny["dataset"], "--pretrained_prior_model_name_or_path", tiny["prior"],
-                               "--image_encoder", tiny["image_encoder"], "--rank", "4", *flags])
+def variant_args(tiny, *given):
+    return flags.parse_args(["--dataset", tiny["dataset"], "--pretrained_prior_model_name_or_path", tiny["prior"],
+                             "--image_encoder", tiny["image_encoder"], "--rank", "4", *given])
 
 
-@pytest.mark.parametrize("flags, n_modules", [
+@pytest.mark.parametrize("given, n_modules", [
     ([], 8),
     (["--lora_alpha", "16", "--use_rslora"], 8),
     (["--use_dora"], 8),
     (["--lora_targets", "attn-mlp"], 8 + 4),
     (["--lora_targets", "all-linear", "--lora_alpha", "2"], 8 + 4 + 2 + 2 + 2),
 ])
-def test_every_variant_loads_through_diffusers_unchanged(tiny, tmp_path, flags, n_modules):
-    args = variant_args(tiny, *flags)
+def test_every_variant_loads_through_diffusers_unchanged(tiny, tmp_path, given, n_modules):
+    args = variant_args(tiny, *given)
     prior, text_encoder, tokenizer, scheduler = load_prior_components(tiny["prior"])
     config, params, names = trainer.add_lora(prior, args.lora)
     torch.manual_seed(0)

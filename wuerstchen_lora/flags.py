@@ -1,0 +1,432 @@
+"""The command line: the training flags, their checks across each other, and what they leave open
+resolved (LoRA alpha and targets, the optimiser, precision and compilation from accelerate's own
+settings, --init_lora's file), frozen into a config.TrainConfig. Nothing heavy loads here."""
+
+import argparse
+import math
+import os
+import re
+import sys
+
+import torch
+
+from wuerstchen_lora.models import (
+    DEFAULT_DECODER,
+    DEFAULT_LORA_TARGETS,
+    DEFAULT_PRIOR,
+    UserError,
+)
+
+# Which of the prior's Linear layers get LoRA (REFERENCE.md lists them). "mapper" is the
+# TimestepBlock's; peft matches names by suffix, so "mapper" does not catch kv_mapper or cond_mapper.
+LORA_TARGET_PRESETS = {
+    "attn": DEFAULT_LORA_TARGETS,
+    "attn-mlp": DEFAULT_LORA_TARGETS + ("channelwise.0", "channelwise.4"),
+    "all-linear": DEFAULT_LORA_TARGETS + ("channelwise.0", "channelwise.4", "kv_mapper.1", "mapper", "cond_mapper.0", "cond_mapper.2"),
+}
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def number(cast, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: a finite int or float within bounds (None: unbounded on that side)."""
+    if high is None:
+        what = "positive" if low == 0 and low_open else f"{low:g} or more"
+    else:
+        what = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if cast is int else 'a number'} (got {text})") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {what} (got {value:g})")
+        return value
+
+    parse.__name__ = cast.__name__
+    parse.numeric = True  # attach_negative_numbers: its values may start with '-'
+    return parse
+
+
+POSITIVE_INT, POSITIVE, NON_NEGATIVE_INT, NON_NEGATIVE = number(int, 0, low_open=True), number(float, 0, low_open=True), number(int, 0), number(float, 0)
+PROBABILITY = number(float, 0, 1, high_open=True)  # [0, 1)
+unit_fraction = number(float, 0, 1, low_open=True)  # (0, 1]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one `error:` line (UserError) instead of usage + exit."""
+
+    def error(self, message):
+        raise UserError(re.sub(r"^argument (--\w+)(?:/\S+)?: ", r"\1 ", message))
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+def add_model_flags(p):
+    """The model parts and the adapter."""
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_prior_model_name_or_path", default=DEFAULT_PRIOR, help="hub id or local folder laid out like warp-ai/wuerstchen-prior")
+    g.add_argument("--revision", default=None, help="hub revision of the prior repo")
+    g.add_argument("--image_encoder", default=None, help="EfficientNet weights: .pt/.pth (Stage-B checkpoint or bare state dict) or .safetensors; default: model_v2_stage_b.pt from dome272/wuerstchen")
+    g.add_argument("--pretrained_decoder_model_name_or_path", default=DEFAULT_DECODER, help="decoder repo, only used for validation images")
+
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=POSITIVE_INT, default=8, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=POSITIVE, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    g.add_argument("--lora_dropout", type=PROBABILITY, default=0.0)
+    g.add_argument("--lora_targets", default="attn", choices=sorted(LORA_TARGET_PRESETS), help="which Linear layers get LoRA: attention projections (default), + the ResBlock MLPs, or every Linear")
+    g.add_argument("--lora_target_modules", default=None, help="explicit comma-separated module names (overrides --lora_targets), e.g. to_q,to_k,to_v,to_out.0")
+    g.add_argument("--use_dora", action="store_true", help="weight-decomposed LoRA (DoRA, peft)")
+    g.add_argument("--use_rslora", action="store_true", help="rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r (peft)")
+    g.add_argument("--init_lora", default=None, metavar="PATH_OR_REPO",
+                   help="start from an existing prior LoRA (a .safetensors file, a training output folder or a hub repo): a warm start with a fresh optimiser, "
+                        "not a resume; rank, alpha and targets come from the file")
+
+
+def add_data_flags(p):
+    """Datasets, augmentation, captions and the embedding cache."""
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", "--dataset_name", "--train_data_dir", dest="dataset", default=None, help="hub dataset, local folder (imagefolder or images + .txt captions) or .jsonl/.csv/.parquet file")
+    g.add_argument("--dataset_config_name", default=None, help="the configuration of a hub dataset that has several (passed to datasets.load_dataset)")
+    g.add_argument("--image_column", default=None, help="default: detected")
+    g.add_argument("--caption_column", default=None, help="default: detected")
+    g.add_argument("--max_train_samples", type=POSITIVE_INT, default=None, help="use only this many samples (shuffled with --seed)")
+    g.add_argument("--cache_dir", default=None, help="where datasets and models downloaded from the hub are stored")
+    g.add_argument("--resolution", type=POSITIVE_INT, default=768, help="training size in px; 768 matches 1024 px output (REFERENCE: stride 32 vs 42.67)")
+    crop = g.add_mutually_exclusive_group()
+    crop.add_argument("--center_crop", dest="center_crop", action="store_true", help="crop the centre square")
+    crop.add_argument("--random_crop", dest="center_crop", action="store_false", help="crop a random square (default)")
+    g.add_argument("--random_flip", action="store_true", help="flip horizontally with probability 0.5")
+    g.add_argument("--aspect_ratio_buckets", action="store_true", help="train each image at the bucket (sides multiple of 32, about resolution^2 pixels) nearest its aspect ratio instead of a square crop")
+    g.add_argument("--bucket_max_upscale", type=number(float, 1), default=2.0, help="with buckets: leave out images that would need more enlargement than this")
+    g.add_argument("--dataloader_num_workers", type=NON_NEGATIVE_INT, default=0)
+    g.add_argument("--repeats", type=POSITIVE_INT, default=1, help="how often each image appears per epoch")
+    g.add_argument("--caption_prefix", default="", help='prepended to every caption, e.g. "sks style, "')
+    g.add_argument("--caption_dropout", type=PROBABILITY, default=0.0, help="probability of training a sample on the empty caption")
+    g.add_argument("--shuffle_tags", action="store_true", help="shuffle comma-separated tags each time a sample is drawn (captions are then encoded every step)")
+    g.add_argument("--keep_tokens", type=NON_NEGATIVE_INT, default=0, help="with --shuffle_tags: the first N tags stay in place")
+    g.add_argument("--max_bad_images", type=PROBABILITY, default=0.05, help="largest share of unreadable images to skip before refusing to train")
+    g.add_argument("--allow_missing_captions", action="store_true", help="train even when more than half of the captions are missing or empty (they train as the empty caption)")
+    cache = g.add_mutually_exclusive_group()
+    cache.add_argument("--cache_embeddings", dest="cache_embeddings", action="store_true", default=True, help="encode images and captions once and train from the cache (default; see wuerstchen_lora/cache.py for random crops)")
+    cache.add_argument("--no_cache_embeddings", dest="cache_embeddings", action="store_false", help="run EfficientNet and CLIP on every step (pixel-exact random crops)")
+    g.add_argument("--embeddings_cache_dir", default=None, help="where the cache lives (default: OUTPUT_DIR/embeddings_cache); share one between runs")
+    g.add_argument("--cache_batch_size", type=POSITIVE_INT, default=8, help="images encoded per EfficientNet call while the cache is built (images of one size go together); lower it if caching runs out of memory")
+
+    g = p.add_argument_group("subject training (DreamBooth-style; the names of diffusers' DreamBooth scripts)")
+    g.add_argument("--instance_data_dir", default=None, help="a folder of images of one subject, without captions (instead of --dataset)")
+    g.add_argument("--instance_prompt", default=None, help='the caption of every instance image, e.g. "a photo of sks dog"')
+    g.add_argument("--with_prior_preservation", action="store_true", help="also train on class examples, so that the class keeps its look")
+    g.add_argument("--class_prompt", default=None, help='the class, e.g. "a photo of a dog"')
+    g.add_argument("--class_data_dir", default=None, help="real class images (used first); missing ones are generated as image embeddings by the base prior")
+    g.add_argument("--num_class_images", type=POSITIVE_INT, default=100, help="class examples to train with")
+    g.add_argument("--prior_loss_weight", type=NON_NEGATIVE, default=1.0, help="weight of the class loss")
+
+
+def add_optimisation_flags(p):
+    """The optimiser, schedule, precision and speed options."""
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--seed", type=int, default=42, help="seed for data order, augmentation, noise and timesteps")
+    g.add_argument("--train_batch_size", type=POSITIVE_INT, default=1, help="per process")
+    g.add_argument("--gradient_accumulation_steps", type=POSITIVE_INT, default=1)
+    g.add_argument("--max_train_steps", type=POSITIVE_INT, default=None, help="optimiser steps; overrides --num_train_epochs")
+    g.add_argument("--num_train_epochs", type=POSITIVE_INT, default=1)
+    g.add_argument("--learning_rate", type=POSITIVE, default=1e-4)
+    g.add_argument("--adam_weight_decay", type=NON_NEGATIVE, default=1e-2)
+    g.add_argument("--adam_beta1", type=PROBABILITY, default=0.9)
+    g.add_argument("--adam_beta2", type=PROBABILITY, default=0.999)
+    g.add_argument("--adam_epsilon", type=POSITIVE, default=1e-8)
+    g.add_argument("--max_grad_norm", type=NON_NEGATIVE, default=1.0, help="gradient clipping; 0 = off")
+    g.add_argument("--lr_scheduler", default="constant", choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    g.add_argument("--lr_warmup_steps", type=NON_NEGATIVE_INT, default=0)
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's setting under `accelerate launch` (its flag or config; `no` = fp32), fp16 for a plain python run on CUDA; always fp32 on a CPU")
+    g.add_argument("--gradient_checkpointing", type=unit_fraction, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
+                   help="recompute activations in the backward pass: all blocks (no value), or this fraction of the prior's blocks, spread evenly "
+                        "(e.g. 0.5: a point between speed and memory; README: Speed and memory)")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
+    g.add_argument("--max_nonfinite_steps", type=POSITIVE_INT, default=5, help="stop after this many NaN/inf losses in a row (each is skipped)")
+    g.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="adamw8bit needs bitsandbytes, prodigy needs prodigyopt (use --learning_rate 1 with it)")
+    g.add_argument("--use_8bit_adam", action="store_true", help="same as --optimizer adamw8bit (the diffusers examples' flag)")
+    g.add_argument("--loss_weighting", default="none", choices=["none", "p2", "min_snr"], help="p2: the original authors' 1/(1+SNR); min_snr: min(SNR, gamma)/SNR (Hang et al. 2023)")
+    g.add_argument("--snr_gamma", type=POSITIVE, default=5.0, help="gamma of --loss_weighting min_snr")
+    g.add_argument("--noise_offset", type=NON_NEGATIVE, default=0.0, help="add offset * N(0,1) per sample and channel to the noise; 0 = off")
+    g.add_argument("--use_ema", action="store_true", help="keep an exponential moving average of the LoRA weights, saved as pytorch_lora_weights_ema.safetensors")
+    g.add_argument("--ema_decay", type=number(float, 0, 1, low_open=True, high_open=True), default=0.999)
+    g.add_argument("--torch_compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help="compile the prior's blocks one region at a time (torch.compile); MODE: default, reduce-overhead (CUDA graphs: fixed shapes) "
+                        "or max-autotune; if compiling fails, a warning and eager mode")
+    g.add_argument("--torch_compile_backend", default="inductor", help="torch.compile backend for --torch_compile (torch._dynamo.list_backends())")
+    g.add_argument("--prior_dropout", type=PROBABILITY, default=None, help="dropout rate inside the prior while training (default: the model's config, 0.1)")
+
+
+def add_output_flags(p):
+    """Checkpoints, outputs, the hub, validation and logging."""
+    g = p.add_argument_group("checkpoints and output")
+    g.add_argument("--output_dir", default="wuerstchen-prior-lora")
+    g.add_argument("--checkpointing_steps", type=NON_NEGATIVE_INT, default=500, help="save a resumable checkpoint every N steps; 0 = never")
+    g.add_argument("--checkpoints_total_limit", type=POSITIVE_INT, default=None, help="keep only the newest N checkpoints")
+    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N folder, or 'latest' in --output_dir")
+    g.add_argument("--discard_newer_checkpoints", action="store_true", help="with --resume_from_checkpoint an older checkpoint: delete the newer checkpoint-N folders in --output_dir (without it such a resume is refused)")
+    g.add_argument("--push_to_hub", action="store_true", help="upload the LoRA, model card and validation images when training ends (log in with `huggingface-cli login` first)")
+    g.add_argument("--hub_model_id", default=None, help="hub repo for --push_to_hub (default: the --output_dir folder's name)")
+    g.add_argument("--hub_token", default=None, help="a token for the upload only, never written anywhere; prefer HF_TOKEN or `huggingface-cli login`")
+
+    g = p.add_argument_group("validation and logging")
+    g.add_argument("--validation_prompts", "--validation_prompt", dest="validation_prompts", nargs="+", default=None, help="prompts rendered with the LoRA attached")
+    g.add_argument("--validation_steps", type=POSITIVE_INT, default=None, help="render the validation prompts every N steps (and at the end); default 100")
+    g.add_argument("--validation_epochs", type=POSITIVE_INT, default=None, help="instead of --validation_steps: every N epochs (the diffusers example's flag)")
+    g.add_argument("--validation_split", type=PROBABILITY, default=0.0, help="hold out this fraction of the dataset for a validation loss (fixed noise and timesteps)")
+    g.add_argument("--validation_dataset", default=None, help="a separate held-out dataset (same formats as --dataset) for the validation loss")
+    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "comet_ml", "all", "none"], help="all: every tracker that is installed")
+    g.add_argument("--tracker_project_name", default="wuerstchen-prior-lora", help="the project name the trackers log under")
+    g.add_argument("--local_rank", type=int, default=-1, help="accepted for older launchers and ignored: the process's place comes from the environment accelerate sets")
+    g.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
+    g.add_argument("--logging_steps", type=POSITIVE_INT, default=10, help="read losses back from the GPU every N steps (every step is still logged); the only wait for the GPU between checkpoints")
+
+
+def parse_args(argv=None):
+    """The command line as a frozen TrainConfig (config.py), checked and resolved."""
+    p = ArgumentParser(description="Train a LoRA adapter on the Wuerstchen v2 prior (Stage C) and write pytorch_lora_weights.safetensors.", allow_abbrev=False)
+    for add_flags in (add_model_flags, add_data_flags, add_optimisation_flags, add_output_flags):
+        add_flags(p)
+    argv = attach_negative_numbers(p, argv)
+    given = {a.dest for a in p._actions for s in a.option_strings for word in argv if word == s or word.startswith(s + "=")}
+    return build_config(p.parse_args(argv), given)
+
+
+def attach_negative_numbers(parser, argv):
+    """`--learning_rate -1e-4` as `--learning_rate=-1e-4`, for every int and float flag.
+
+    argparse reads a value that starts with '-' as an option unless it looks like -1 or -0.5, so
+    -1e-4, -1. or -inf would fail with "expected one argument". Attached, the value reaches its
+    argparse type, which says what is wrong with it."""
+    numeric = {s for a in parser._actions if (a.type in (int, float) or getattr(a.type, "numeric", False)) for s in a.option_strings}
+    argv, out, i = list(sys.argv[1:] if argv is None else argv), [], 0
+    while i < len(argv):
+        if argv[i] == "--":
+            out += argv[i:]
+            break
+        if argv[i] in numeric and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            try:
+                float(argv[i + 1])
+            except ValueError:
+                pass
+            else:
+                out.append(f"{argv[i]}={argv[i + 1]}")
+                i += 2
+                continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def warn(message):
+    """A one-line `warning: ...` on stderr, from the main process only (before accelerate exists)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def note(message):
+    """A `note: ...` line on stdout, from the main process only (before accelerate exists)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
+
+
+def inside(path, folder):
+    """Whether `path` is `folder` or lies under it (symlinks resolved; `path` need not exist yet)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def read_prior_config(path, revision=None, download=False):
+    """The prior's config.json as a dict before any model loads: from a local folder, the hub cache,
+    or (download=True) the hub; None when it cannot be had."""
+    import json
+
+    if os.path.isdir(path):
+        file = os.path.join(path, "prior", "config.json")
+    else:
+        try:
+            from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+            if download:
+                file = hf_hub_download(path, "config.json", subfolder="prior", revision=revision)
+            else:
+                file = try_to_load_from_cache(path, "prior/config.json", revision=revision)
+        except Exception:  # offline, no such repo, a malformed id: the models' loading reports it
+            return None
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (OSError, TypeError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def check_lora_rank(rank, targets, config):
+    """--rank against the width (the smaller side) of each adapted Linear layer, read from the
+    prior's config. A rank above a layer's width cannot raise the rank of its update, only add
+    parameters: an error when that holds for every adapted layer (nothing is low-rank any more: a
+    typo, or a setting for another model), a warning when only some layers are narrower (the
+    all-linear timestep mapper, c_r wide, at a rank that suits the attention layers)."""
+    if not config or not all(isinstance(config.get(k), int) for k in ("c", "c_cond", "c_r")):
+        return
+    c, c_cond, c_r = config["c"], config["c_cond"], config["c_r"]
+    widths = {"to_q": c, "to_k": c, "to_v": c, "to_out.0": c, "channelwise.0": c, "channelwise.4": c,
+              "kv_mapper.1": min(c_cond, c), "mapper": min(c_r, 2 * c), "cond_mapper.0": min(c_cond, c), "cond_mapper.2": c}
+    adapted = {t: w for t in targets for name, w in widths.items() if t == name or t.endswith("." + name)}
+    narrow = sorted(t for t, w in adapted.items() if rank > w)
+    if not narrow:
+        return
+    widest = max(adapted.values())
+    if len(narrow) == len(adapted):
+        raise UserError(f"--rank {rank} is larger than every adapted layer is wide (at most {widest} features, prior config c={c}): "
+                        f"the update cannot exceed rank {widest}, the extra rank only adds parameters; use --rank {widest} or less")
+    warn(f"--rank {rank} is larger than {', '.join(f'{t} ({adapted[t]} wide)' for t in narrow)}: "
+         "those layers' updates stay at their width, the extra rank there only adds parameters")
+
+
+def build_config(ns, given=()):
+    """Check the parsed flags across each other and resolve what they leave open (alpha, targets,
+    optimiser, precision, compilation, hub repo), then freeze them into a TrainConfig. `given`: the
+    flags typed on the command line (a warm start's file must agree with those). Nothing heavy loads
+    here; ranges of single flags were checked by their argparse types (number())."""
+    from wuerstchen_lora.config import from_values
+
+    v = vars(ns).copy()
+    v.pop("local_rank")  # older launchers pass it; the environment accelerate sets decides
+    check_data_flags(v)
+    resolve_lora_flags(v, given)
+    check_output_flags(v)
+    resolve_optimiser_flags(v)
+    if v["push_to_hub"] and not v["hub_model_id"]:
+        v["hub_model_id"] = os.path.basename(os.path.abspath(v["output_dir"]))
+    if v["hub_token"]:
+        warn("--hub_token is used for the upload only and never written anywhere, but it shows in your shell history and process list; prefer HF_TOKEN or `huggingface-cli login`")
+    if v["validation_epochs"] and v["validation_steps"]:
+        raise UserError("--validation_steps and --validation_epochs both say how often to validate; give one")
+    if not v["validation_epochs"] and not v["validation_steps"]:
+        v["validation_steps"] = 100
+    return from_values(v)
+
+
+def check_data_flags(v):
+    if v["keep_tokens"] and not v["shuffle_tags"]:
+        raise UserError("--keep_tokens N only means something with --shuffle_tags")
+    if v["resolution"] % 32:
+        raise UserError(f"--resolution {v['resolution']} is not a multiple of 32 (EfficientNet stride); use {max(32, round(v['resolution'] / 32) * 32)}")
+    if v["dataset"] and v["instance_data_dir"]:
+        raise UserError("--dataset and --instance_data_dir are two kinds of training data; give one")
+    if v["instance_data_dir"] and not v["instance_prompt"]:
+        raise UserError('--instance_data_dir needs --instance_prompt, the caption of every instance image, e.g. "a photo of sks dog"')
+    if v["instance_prompt"] and not v["instance_data_dir"]:
+        raise UserError("--instance_prompt needs --instance_data_dir, the folder of the subject's images")
+    if v["with_prior_preservation"] and not v["class_prompt"]:
+        raise UserError('--with_prior_preservation needs --class_prompt, e.g. "a photo of a dog"')
+    if not v["with_prior_preservation"] and (v["class_prompt"] or v["class_data_dir"]):
+        warn("--class_prompt and --class_data_dir are only used with --with_prior_preservation")
+    if v["validation_split"] and v["validation_dataset"]:
+        raise UserError("--validation_split excludes --validation_dataset: give one")
+    if not (v["dataset"] or v["instance_data_dir"]):
+        raise UserError("--dataset is required: a hub dataset name, a local folder, or a .jsonl/.csv/.parquet file (or --instance_data_dir with --instance_prompt)")
+
+
+def resolve_lora_flags(v, given):
+    """--lora_alpha (the rank), --lora_target_modules (the preset), or all three from --init_lora's file."""
+    if v["init_lora"]:
+        from wuerstchen_lora.warmstart import check_init_lora_settings, read_init_lora
+
+        _, settings = read_init_lora(v["init_lora"])
+        flags = {"rank": "r", "lora_alpha": "lora_alpha", "lora_target_modules": "target_modules", "use_dora": "use_dora", "use_rslora": "use_rslora"}
+        chosen = {key: v[flag] for flag, key in flags.items() if flag in given}
+        if "lora_target_modules" in given and isinstance(v["lora_target_modules"], str):
+            chosen["target_modules"] = sorted(m.strip() for m in v["lora_target_modules"].split(",") if m.strip())
+        elif "lora_targets" in given:  # a preset must agree with the file's modules as well
+            chosen["target_modules"] = sorted(LORA_TARGET_PRESETS[v["lora_targets"]])
+        check_init_lora_settings(settings, chosen)
+        v.update(rank=settings["r"], lora_alpha=float(settings["lora_alpha"]), lora_target_modules=list(settings["target_modules"]),
+                 use_dora=bool(settings.get("use_dora")), use_rslora=bool(settings.get("use_rslora")))
+    if v["lora_alpha"] is None:
+        v["lora_alpha"] = float(v["rank"])
+    if v["lora_target_modules"] is None:
+        v["lora_target_modules"] = list(LORA_TARGET_PRESETS[v["lora_targets"]])
+    elif isinstance(v["lora_target_modules"], str):
+        v["lora_target_modules"] = [m.strip() for m in v["lora_target_modules"].split(",") if m.strip()]
+        if not v["lora_target_modules"]:
+            raise UserError("--lora_target_modules is empty; leave it out to use --lora_targets (default: attention projections)")
+    check_lora_rank(v["rank"], v["lora_target_modules"], read_prior_config(v["pretrained_prior_model_name_or_path"], v["revision"]))
+
+
+def check_output_flags(v):
+    from wuerstchen_lora.guard import resume_path
+
+    if os.path.isfile(v["output_dir"]):
+        raise UserError(f"--output_dir {v['output_dir']} is a file; give a folder")
+    for data_flag in ("dataset", "instance_data_dir", "class_data_dir", "validation_dataset"):
+        folder = v[data_flag]
+        for out_flag in ("output_dir", "embeddings_cache_dir"):
+            out = v[out_flag]
+            if folder and out and os.path.isdir(folder) and inside(out, folder):
+                raise UserError(f"--{out_flag} {out} is inside --{data_flag} {folder}: what a run writes there (validation images, "
+                                "checkpoints, the cache) would be read as data by the next run; put it outside the dataset folder")
+    resume_path(v["output_dir"], v["resume_from_checkpoint"], v["discard_newer_checkpoints"])  # refused before anything is written
+
+
+def resolve_optimiser_flags(v):
+    """--use_8bit_adam into --optimizer; precision and compilation from accelerate's settings."""
+    if v.pop("use_8bit_adam"):
+        if v["optimizer"] not in ("adamw", "adamw8bit"):
+            raise UserError(f"--use_8bit_adam conflicts with --optimizer {v['optimizer']}; keep one")
+        v["optimizer"] = "adamw8bit"
+    optional = {"adamw8bit": ("bitsandbytes", "bitsandbytes"), "prodigy": ("prodigyopt", "prodigyopt")}
+    if v["optimizer"] in optional:
+        module, package = optional[v["optimizer"]]
+        try:
+            __import__(module)
+        except ImportError as e:
+            raise UserError(f"--optimizer {v['optimizer']} needs {package}: pip install {package} (or use --optimizer adamw)") from e
+    if v["lr_warmup_steps"] and v["lr_scheduler"] == "constant":
+        warn(f"--lr_warmup_steps {v['lr_warmup_steps']} does nothing with --lr_scheduler constant (the default); use --lr_scheduler constant_with_warmup")
+    elif v["max_train_steps"] and v["lr_warmup_steps"] >= v["max_train_steps"]:
+        warn(f"--lr_warmup_steps {v['lr_warmup_steps']} is not shorter than the run ({v['max_train_steps']} steps): "
+             f"the learning rate never reaches --learning_rate {v['learning_rate']:g}")
+    v["mixed_precision"], notice = resolve_mixed_precision(v["mixed_precision"])
+    if notice:
+        note(notice)
+    launcher_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if launcher_backend not in ("no", "") and not v["torch_compile"]:
+        # An accelerate config that asks for torch.compile gets it the way that works here (compile_blocks).
+        v["torch_compile"], v["torch_compile_backend"] = os.environ.get("ACCELERATE_DYNAMO_MODE") or "default", launcher_backend
+        note(f"note: the accelerate config's dynamo_backend {launcher_backend} is applied block by block, as --torch_compile {v['torch_compile']}")
+    if v["torch_compile"]:
+        check_compile_backend(v["torch_compile_backend"], v["torch_compile"])
+
+
+def resolve_mixed_precision(requested):
+    """Returns (mode, notice). The flag wins; then accelerate's own setting, which `accelerate
+    launch` exports from its flag or config file (an explicit `no` included); fp16 on CUDA only
+    for a plain `python` run, which has no accelerate setting."""
+    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    mode = requested or (launcher if launcher in ("no", "fp16", "bf16") else None) or ("no" if on_cpu else "fp16")
+    if on_cpu and mode != "no":
+        return "no", f"note: no GPU in use, so training runs in fp32 (--mixed_precision {mode} needs CUDA)"
+    if not on_cpu and mode == "no" and not requested:
+        return mode, "note: accelerate's mixed precision is `no`: training runs in fp32; pass --mixed_precision bf16 for speed"
+    return mode, None
+
+
+def check_compile_backend(backend, mode):
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise UserError(f"--torch_compile_backend {backend}: unknown; choose one of {', '.join(torch._dynamo.list_backends())}")
+    if mode != "default" and backend != "inductor":
+        raise UserError(f"--torch_compile {mode} is an inductor mode; use it with --torch_compile_backend inductor")
