@@ -93,6 +93,17 @@ def test_example_flags_mean_what_they_mean_there(tiny, tmp_path, capsys):
     assert cfg.hub.hub_token == "hf_secret_value" and "hf_secret_value" not in json.dumps(cfg.to_dict()) + repr(cfg)
 
 
+def test_a_missing_tracker_package_is_said(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    flags.parse_args(["--dataset", "d", "--report_to", "wandb"])
+    assert capsys.readouterr().err.startswith("warning: --report_to wandb: wandb is not installed, so nothing is logged there")
+    flags.parse_args(["--dataset", "d", "--report_to", "tensorboard"])
+    assert capsys.readouterr().err == ""
+
+
 def test_dataset_config_name_reaches_load_dataset(monkeypatch):
     import datasets
 

@@ -308,6 +308,7 @@ def build_config(ns, given=()):
     resolve_optimiser_flags(v)
     if v["push_to_hub"] and not v["hub_model_id"]:
         v["hub_model_id"] = os.path.basename(os.path.abspath(v["output_dir"]))
+    check_tracker(v["report_to"])
     if v["hub_token"]:
         warn("--hub_token is used for the upload only and never written anywhere, but it shows in your shell history and process list; prefer HF_TOKEN or `huggingface-cli login`")
     if v["validation_epochs"] and v["validation_steps"]:
@@ -315,6 +316,15 @@ def build_config(ns, given=()):
     if not v["validation_epochs"] and not v["validation_steps"]:
         v["validation_steps"] = 100
     return from_values(v)
+
+
+def check_tracker(report_to):
+    """accelerate drops a tracker whose package is missing without a word: say so."""
+    import importlib.util
+
+    package = {"wandb": "wandb", "comet_ml": "comet_ml"}.get(report_to)
+    if package and importlib.util.find_spec(package) is None:
+        warn(f"--report_to {report_to}: {package} is not installed, so nothing is logged there; pip install {package} (or --report_to tensorboard)")
 
 
 def check_data_flags(v):
