@@ -52,7 +52,7 @@ MANIFEST = "manifest.json"
 # Key
 
 
-def _stat_digest(path):
+def stat_digest(path):
     """Names, sizes and modification times of a local file or of every file under a folder."""
     h = hashlib.sha256()
     if os.path.isfile(path):
@@ -78,7 +78,7 @@ def cache_key(model, data, dataset, columns, dtype, image_encoder_path, source=N
     parts = {
         "format": CACHE_FORMAT,
         "dataset": source,
-        "dataset_files": _stat_digest(source),
+        "dataset_files": stat_digest(source),
         "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
         "rows": len(dataset),
         "columns": list(columns),
@@ -86,8 +86,8 @@ def cache_key(model, data, dataset, columns, dtype, image_encoder_path, source=N
         "center_crop": data.center_crop,
         "random_flip": data.random_flip,
         "buckets": [data.aspect_ratio_buckets, data.bucket_max_upscale],
-        "image_encoder": _stat_digest(image_encoder_path),
-        "text_encoder": [prior, model.revision] + [_stat_digest(os.path.join(prior, sub)) for sub in ("text_encoder", "tokenizer")],
+        "image_encoder": stat_digest(image_encoder_path),
+        "text_encoder": [prior, model.revision] + [stat_digest(os.path.join(prior, sub)) for sub in ("text_encoder", "tokenizer")],
         "dtype": str(dtype),
         "texts": None if data.shuffle_tags else data.caption_prefix,  # cached texts include the prefix
     }
@@ -112,7 +112,8 @@ def image_for_cache(image, resolution, center_crop, bucket=None):
     return TF.center_crop(image, [th, tw])
 
 
-def _pixels(image):
+def encoder_pixels(image):
+    """A PIL image as EfficientNet's normalised input, [1, 3, H, W]."""
     return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)[None]
 
 
@@ -138,9 +139,9 @@ class _RowsToEncode(torch.utils.data.Dataset):
         i = self.indices[k]
         row = self.dataset[i]
         image = image_for_cache(row[self.image_column], self.resolution, self.center_crop, self.row_buckets[i] if self.row_buckets else None)
-        flipped = _pixels(TF.hflip(image))[0] if self.random_flip else None
+        flipped = encoder_pixels(TF.hflip(image))[0] if self.random_flip else None
         texts = None if self.captions.shuffle_tags else [self.captions.prefix + c for c in _captions(row[self.caption_column])]
-        return i, _pixels(image)[0], flipped, texts
+        return i, encoder_pixels(image)[0], flipped, texts
 
 
 def _encode_batch(items, encode_image, encode_text, images, texts):

@@ -156,10 +156,7 @@ class TrainConfig:
 
     def flat(self):
         """{field: value} over every group: field names are unique across groups (tested)."""
-        out = {}
-        for key, value in self.to_dict().items():
-            out.update(value if isinstance(value, dict) else {key: value})
-        return out
+        return flatten_record(self.to_dict())
 
 
 GROUPS = {f.name: f.type for f in dataclasses.fields(TrainConfig) if f.name != "seed"}

@@ -122,7 +122,7 @@ def hub_error(e, repo, revision, flag):
         return UserError(f"{where}: the hub repo has no branch, tag or commit {revision}; check --revision")
     if isinstance(e, EntryNotFoundError):
         return UserError(no_file)
-    return UserError(f"{where}: the hub download failed ({_first_line(e)}); try again, or give a local folder")
+    return UserError(f"{where}: the hub download failed ({first_line(e)}); try again, or give a local folder")
 
 
 def known_missing(repo, revision):
@@ -135,6 +135,6 @@ def known_missing(repo, revision):
         return False
 
 
-def _first_line(e):
+def first_line(e):
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:200]

@@ -389,14 +389,18 @@ def caption_options(data):
     return CaptionOptions(prefix=data.caption_prefix, dropout=data.caption_dropout, shuffle_tags=data.shuffle_tags, keep_tokens=data.keep_tokens)
 
 
+def cache_root(cfg):
+    """Where embedding caches live: --embeddings_cache_dir, else OUTPUT_DIR/embeddings_cache."""
+    return cfg.cache.embeddings_cache_dir or os.path.join(cfg.output.output_dir, "embeddings_cache")
+
+
 def cached_examples(cfg, loaded, accelerator, encode_image, encode_text, dtype):
     """Build (or reuse) the embedding cache and return the dataset that reads from it."""
     from wuerstchen_lora.cache import CachedExamples, build_cache, cache_key
     from wuerstchen_lora.models import resolve_image_encoder_path
 
     data, columns = cfg.data, (loaded.image_column, loaded.caption_column)
-    root = cfg.cache.embeddings_cache_dir or os.path.join(cfg.output.output_dir, "embeddings_cache")
-    folder = os.path.join(root, cache_key(cfg.model, data, loaded.dataset, columns, dtype, resolve_image_encoder_path(cfg.model.image_encoder), source=data_name(cfg)))
+    folder = os.path.join(cache_root(cfg), cache_key(cfg.model, data, loaded.dataset, columns, dtype, resolve_image_encoder_path(cfg.model.image_encoder), source=data_name(cfg)))
     build_cache(folder, loaded.dataset, columns, data, cfg.cache, encode_image, encode_text,
                 accelerator=accelerator, captions=caption_options(data), row_buckets=loaded.row_buckets)
     raw = loaded.dataset[loaded.caption_column] if data.shuffle_tags else None
@@ -605,9 +609,8 @@ def make_class_examples(run, prior):
     from wuerstchen_lora.subject import ClassExamples, prepare_class_examples
 
     cfg, encoders, subject = run.cfg, run.encoders, run.cfg.subject
-    root = cfg.cache.embeddings_cache_dir or os.path.join(cfg.output.output_dir, "embeddings_cache")
     class_set = prepare_class_examples(
-        root, prior, encoders.text_encoder, encoders.tokenizer, run.scheduler, class_prompt=subject.class_prompt,
+        cache_root(cfg), prior, encoders.text_encoder, encoders.tokenizer, run.scheduler, class_prompt=subject.class_prompt,
         num_class_images=subject.num_class_images, seed=cfg.seed, resolution=cfg.data.resolution, device=run.accelerator.device,
         dtype=run.dtype, model_id=cfg.model.pretrained_prior_model_name_or_path, revision=cfg.model.revision,
         class_data_dir=subject.class_data_dir, encode_image=encoders.image, image_encoder_id=resolve_image_encoder_path(cfg.model.image_encoder),

@@ -154,10 +154,8 @@ def real_class_embeddings(folder, encode_image, resolution, device, dtype, batch
     `encode_image(pixels [n,3,R,R]) -> [n,C,R/32,R/32]` in the training space (objective.encode_images).
     """
     from PIL import Image
-    from torchvision.transforms import functional as TF
 
-    from wuerstchen_lora.cache import image_for_cache
-    from wuerstchen_lora.models import IMAGENET_MEAN, IMAGENET_STD
+    from wuerstchen_lora.cache import encoder_pixels, image_for_cache
 
     paths, skipped, pending, out = [], [], [], []
 
@@ -175,7 +173,7 @@ def real_class_embeddings(folder, encode_image, resolution, device, dtype, batch
             skipped.append((path, reason))
             continue
         with Image.open(path) as image:
-            pending.append(TF.normalize(TF.to_tensor(image_for_cache(image, resolution, center_crop=True)), IMAGENET_MEAN, IMAGENET_STD)[None])
+            pending.append(encoder_pixels(image_for_cache(image, resolution, center_crop=True)))
         paths.append(path)
         if len(pending) == batch_size:
             flush()
@@ -189,28 +187,13 @@ def real_class_embeddings(folder, encode_image, resolution, device, dtype, batch
 # Cache
 
 
-def _files_digest(paths, root):
-    """Relative names, sizes and modification times of `paths` (under `root`)."""
-    h = hashlib.sha256()
-    for path in paths:
-        st = os.stat(path)
-        h.update(f"{os.path.relpath(path, root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _model_digest(model_id):
-    """A local model folder's prior/text-encoder/tokenizer/scheduler files; a hub id stands for itself."""
-    if not model_id or not os.path.isdir(model_id):
-        return None
-    parts = [os.path.join(model_id, sub) for sub in ("prior", "text_encoder", "tokenizer", "scheduler")]
-    files = sorted(os.path.join(r, f) for p in parts if os.path.isdir(p) for r, _, fs in os.walk(p) for f in fs)
-    return _files_digest(files, model_id)
-
-
 def class_cache_parts(class_prompt, num_class_images, seed, side, dtype, model_id, revision, steps, guidance_scale,
                       resolution, class_data_dir=None, image_encoder_id=None):
     """Everything that changes the class examples; hashed into the cache folder's name."""
+    from wuerstchen_lora.cache import stat_digest
+
     real = class_image_files(class_data_dir)
+    local_model = bool(model_id) and os.path.isdir(model_id)  # a hub id stands for itself, with its revision
     return {
         "format": CLASS_CACHE_FORMAT,
         "prompt": class_prompt,
@@ -218,15 +201,15 @@ def class_cache_parts(class_prompt, num_class_images, seed, side, dtype, model_i
         "seed": seed,
         "side": side,
         "dtype": str(dtype),
-        "model": [model_id, revision, _model_digest(model_id)],
+        "model": [model_id, revision] + ([stat_digest(os.path.join(model_id, sub)) for sub in ("prior", "text_encoder", "tokenizer", "scheduler")]
+                                         if local_model else []),
         "generation": {"steps": steps, "guidance_scale": guidance_scale},
         # Real images: which files (and their contents, by size and mtime), the crop and the encoder.
         "real": None if not real else {
             "folder": os.path.abspath(class_data_dir),
-            "files": _files_digest(real, class_data_dir),
+            "files": stat_digest(class_data_dir),
             "resolution": resolution,
-            "image_encoder": [image_encoder_id, _files_digest([image_encoder_id], os.path.dirname(image_encoder_id))
-                              if image_encoder_id and os.path.isfile(image_encoder_id) else None],
+            "image_encoder": [image_encoder_id, stat_digest(image_encoder_id) if image_encoder_id and os.path.isfile(image_encoder_id) else None],
         },
     }
 

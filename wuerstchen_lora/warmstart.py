@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from wuerstchen_lora.hub import resolve_lora_spec
+from wuerstchen_lora.hub import first_line, resolve_lora_spec
 from wuerstchen_lora.models import UserError, read_lora_keys
 
 FLAG = "--init_lora"
@@ -159,7 +159,7 @@ def load_init_lora(prior, state_dict, source=FLAG):
     try:
         result = set_peft_model_state_dict(prior, state_dict, adapter_name=name)
     except RuntimeError as e:  # shapes that do not fit this prior
-        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), _first(e))
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), first_line(e))
         raise UserError(f"{source}: the LoRA does not fit this prior ({detail[:200]}); it was trained for another model") from e
     unexpected = sorted(k for k in result.unexpected_keys if "lora_" in k)
     if unexpected:
@@ -170,7 +170,3 @@ def load_init_lora(prior, state_dict, source=FLAG):
         raise UserError(f"{source}: the file has no values for {len(missing)} LoRA tensors of the adapter (e.g. {missing[0]}); "
                         "it adapts only some of the layers its module names match, which --init_lora does not support")
 
-
-def _first(e):
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
