@@ -28,8 +28,40 @@ OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+# The largest whole number every consumer takes: torch sizes and seeds are C int64, and
+# itertools.islice (the batch sampler) stops at sys.maxsize. A whole-number flag above it fails deep
+# in torch with an OverflowError; number(int) refuses it on the command line instead.
+INT64_MAX = 2**63 - 1
+
+
+def parse_whole(text):
+    """A whole number from `text`, also in exponent notation (1e9, 2.5e3); ValueError otherwise."""
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        raise ValueError(text) from None
+    if not value.is_finite() or value != value.to_integral_value() or value.adjusted() > 1000:
+        raise ValueError(text)
+    return int(value)
+
+
+def short(value):
+    """A whole number for a message: as it is up to 20 digits, else 3 significant digits (1.23e+30)."""
+    digits = str(abs(value))
+    if len(digits) <= 20:
+        return str(value)
+    return f"{'-' * (value < 0)}{digits[0]}.{digits[1:3]}e+{len(digits) - 1}"
+
+
 def number(cast, low=None, high=None, low_open=False, high_open=False):
-    """An argparse type: a finite int or float within bounds (None: unbounded on that side)."""
+    """An argparse type: a finite int or float within bounds (None: unbounded on that side; an int
+    is always at most INT64_MAX, what torch and islice take)."""
     if high is None:
         what = "positive" if low == 0 and low_open else f"{low:g} or more"
     else:
@@ -37,19 +69,47 @@ def number(cast, low=None, high=None, low_open=False, high_open=False):
 
     def parse(text):
         try:
-            value = cast(text)
+            value = parse_whole(text) if cast is int else cast(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {'a whole number' if cast is int else 'a number'} (got {text})") from None
-        if not math.isfinite(value):
+        if cast is not int and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+        shown = short(value) if cast is int else f"{value:g}"
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
         if too_low or too_high:
-            raise argparse.ArgumentTypeError(f"must be {what} (got {value:g})")
+            raise argparse.ArgumentTypeError(f"must be {what} (got {shown})")
+        if cast is int and abs(value) > INT64_MAX:
+            raise argparse.ArgumentTypeError(f"must be at most {INT64_MAX} (2**63 - 1, the largest whole number torch takes; got {shown})")
         return value
 
     parse.__name__ = cast.__name__
     parse.numeric = True  # attach_negative_numbers: its values may start with '-'
+    return parse
+
+
+# torch.manual_seed takes [0, 2**64), numpy's generators (datasets' shuffle) no negative seed, and
+# accelerate's seedable sampler seeds each epoch with seed + epoch: [0, 2**63) leaves it the room.
+SEED_LIMIT = 2**63
+
+
+def seed_number(tell):
+    """An argparse type for --seed: a whole number, reduced into [0, 2**63) when outside it, with a
+    `note:` line (through `tell`) saying which seed is used; the same flag always gives the same seed."""
+
+    def parse(text):
+        try:
+            value = parse_whole(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number (got {text})") from None
+        if not 0 <= value < SEED_LIMIT:
+            reduced = value % SEED_LIMIT
+            tell(f"note: --seed {text} is outside [0, 2**63), the seeds torch, numpy and accelerate all take; using {reduced} (the seed modulo 2**63)")
+            value = reduced
+        return value
+
+    parse.__name__ = "int"
+    parse.numeric = True
     return parse
 
 
@@ -133,7 +193,7 @@ def add_data_flags(p):
 def add_optimisation_flags(p):
     """The optimiser, schedule, precision and speed options."""
     g = p.add_argument_group("optimisation")
-    g.add_argument("--seed", type=int, default=42, help="seed for data order, augmentation, noise and timesteps")
+    g.add_argument("--seed", type=seed_number(lambda message: note(message)), default=42, help="seed for data order, augmentation, noise and timesteps")
     g.add_argument("--train_batch_size", type=POSITIVE_INT, default=1, help="per process")
     g.add_argument("--gradient_accumulation_steps", type=POSITIVE_INT, default=1)
     g.add_argument("--max_train_steps", type=POSITIVE_INT, default=None, help="optimiser steps; overrides --num_train_epochs")
@@ -315,6 +375,7 @@ def build_config(ns, given=()):
         raise UserError("--validation_steps and --validation_epochs both say how often to validate; give one")
     if not v["validation_epochs"] and not v["validation_steps"]:
         v["validation_steps"] = 100
+    check_sizes(v)
     return from_values(v)
 
 
@@ -440,3 +501,105 @@ def check_compile_backend(backend, mode):
         raise UserError(f"--torch_compile_backend {backend}: unknown; choose one of {', '.join(torch._dynamo.list_backends())}")
     if mode != "default" and backend != "inductor":
         raise UserError(f"--torch_compile {mode} is an inductor mode; use it with --torch_compile_backend inductor")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes that cannot fit: refused with the estimate and the fix before anything is allocated
+
+
+def machine_memory():
+    """Bytes of RAM this process can have: the machine's, or its cgroup's limit when lower."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                ram = min(ram, int(f.read().strip()))
+        except (OSError, ValueError):  # no cgroup file, or "max"
+            pass
+    return ram
+
+
+def gpu_memory(index=None):
+    """Bytes of memory of CUDA GPU `index` (default: this process's, LOCAL_RANK); None without one."""
+    try:
+        if not torch.cuda.is_available():
+            return None
+        index = int(os.environ.get("LOCAL_RANK", 0)) if index is None else index
+        return torch.cuda.get_device_properties(index % torch.cuda.device_count()).total_memory
+    except Exception:  # a driver that answers is_available but not the properties
+        return None
+
+
+def size_text(n):
+    """Bytes for a message: 1.5 GiB, 9.8 TiB, 340 MiB."""
+    for unit, scale in (("EiB", 2**60), ("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB" if n >= 2**10 else f"{n} bytes"
+
+
+def refuse_size(what, need, have, where, fix):
+    """A UserError when `need` bytes (a lower bound) exceed the `have` bytes of `where`."""
+    if have is not None and need > have:
+        raise UserError(f"{what} needs at least {size_text(need)}, more than the {size_text(have)} of {where}; {fix}")
+
+
+# A worker process of the DataLoader: a Python with torch and the dataset loaded, never less than this.
+WORKER_BYTES = 100 * 2**20
+# One sample of an epoch's shuffled order: torch.randperm's int64 and the Python int and list slot of .tolist().
+ORDER_BYTES_PER_SAMPLE = 8 + 8 + 32
+# The shipped prior's config (REFERENCE.md), for the estimates when the config cannot be read yet.
+SHIPPED_PRIOR = {"c_in": 16, "c": 1536, "c_cond": 1280, "depth": 32}
+
+
+def check_epoch_size(rows, repeats):
+    """An epoch of rows x --repeats samples must fit its shuffled order in RAM (the sampler builds it
+    whole at the start of every epoch)."""
+    need = rows * repeats * ORDER_BYTES_PER_SAMPLE
+    fit = max(1, machine_memory() // (rows * ORDER_BYTES_PER_SAMPLE))
+    refuse_size(f"--repeats {repeats}: an epoch of {rows} rows x {repeats} repeats = {rows * repeats:,} samples, whose shuffled order",
+                need, machine_memory(), "this machine's memory", f"use --repeats {min(fit, repeats - 1)} or less (more passes: --num_train_epochs or --max_train_steps)")
+
+
+def check_sizes(v):
+    """Sizes no machine here can hold, refused before anything loads: the micro-batch on the
+    training device, the cache's encoding batch, an epoch's order, the class examples, the loader's
+    workers. Each estimate is a lower bound (the prior's block inputs kept for the backward pass,
+    the images' pixels), so what is refused could never run; what passes may still run out of memory."""
+    config = {**SHIPPED_PRIOR, **{k: x for k, x in (read_prior_config(v["pretrained_prior_model_name_or_path"], v["revision"]) or {}).items()
+                                   if k in SHIPPED_PRIOR and isinstance(x, int) and x > 0}}
+    on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
+    ram = machine_memory()
+    res = v["resolution"]
+    act = 2 if v["mixed_precision"] in ("fp16", "bf16") else 4  # bytes of one activation
+    grid = (res // 32) ** 2
+    pixels = 3 * res * res * 4 + 6 * res * res * act  # the fp32 image and EfficientNet's first feature map (24 channels at stride 2)
+
+    def device():
+        gpu = gpu_memory() if on_gpu else None
+        return (gpu, "the GPU's memory") if gpu else (ram, "this machine's memory")
+
+    per_sample = 3 * config["depth"] * config["c"] * grid * act + 77 * config["c_cond"] * act
+    if not v["cache_embeddings"]:
+        per_sample += pixels
+    batch = v["train_batch_size"]
+    if batch * per_sample > 2**30:
+        have, where = device()
+        refuse_size(f"--resolution {res}: one training sample (the prior's block inputs for the backward pass)", per_sample, have, where,
+                    "use --resolution 768 (it matches 1024 px output) or lower")
+        refuse_size(f"--train_batch_size {batch} at --resolution {res}: one micro-batch (the prior's block inputs for the backward pass, about "
+                    f"{size_text(per_sample)} a sample)", batch * per_sample, have, where,
+                    f"use --train_batch_size {have // per_sample} or less, with --gradient_accumulation_steps for a larger effective batch")
+    if v["cache_embeddings"] and v["cache_batch_size"] * pixels > 2**30:
+        have, where = device()
+        refuse_size(f"--cache_batch_size {v['cache_batch_size']} at --resolution {res}: one encoding batch (about {size_text(pixels)} an image)",
+                    v["cache_batch_size"] * pixels, have, where, f"use --cache_batch_size {max(1, have // pixels)} or less (the cache is the same at any batch size)")
+    if v["repeats"] * ORDER_BYTES_PER_SAMPLE > 2**30:  # every dataset has at least one row
+        check_epoch_size(1, v["repeats"])
+    if v["with_prior_preservation"]:
+        per_class = config["c_in"] * grid * 4
+        refuse_size(f"--num_class_images {v['num_class_images']} at --resolution {res}: the class examples, held in memory (about {size_text(per_class)} each)",
+                    v["num_class_images"] * per_class, ram, "this machine's memory", f"use --num_class_images {max(1, ram // per_class)} or less (100-200 is usual)")
+    workers = v["dataloader_num_workers"]
+    refuse_size(f"--dataloader_num_workers {workers}: that many worker processes (each a Python with torch, at least {size_text(WORKER_BYTES)})",
+                workers * WORKER_BYTES, ram, "this machine's memory", f"use --dataloader_num_workers {min(workers - 1, ram // WORKER_BYTES, os.cpu_count() or 1)} or less (the CPU count at most)")
