@@ -62,8 +62,12 @@ def short(value):
 def number(cast, low=None, high=None, low_open=False, high_open=False):
     """An argparse type: a finite int or float within bounds (None: unbounded on that side; an int
     is always at most INT64_MAX, what torch and islice take)."""
-    if high is None:
+    if low is None and high is None:
+        what = None  # any finite number
+    elif high is None:
         what = "positive" if low == 0 and low_open else f"{low:g} or more"
+    elif low is None:
+        what = f"{high:g} or less"
     else:
         what = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
