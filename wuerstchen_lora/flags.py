@@ -536,6 +536,8 @@ def gpu_memory(index=None):
 
 def size_text(n):
     """Bytes for a message: 1.5 GiB, 9.8 TiB, 340 MiB."""
+    if n >= 2**70:
+        return f"{n / 2**60:.3g} EiB"
     for unit, scale in (("EiB", 2**60), ("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30)):
         if n >= scale:
             return f"{n / scale:,.1f} {unit}"

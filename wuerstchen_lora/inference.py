@@ -1,18 +1,32 @@
 """Inference: the prior with a trained LoRA, then the decoder. The usage page is the docstring of
 infer.py, the script that runs `main`."""
 
-import argparse
+import fractions
 import os
 import sys
 
 import torch
 
+from wuerstchen_lora.flags import (
+    NON_NEGATIVE,
+    POSITIVE_INT,
+    SEED_LIMIT,
+    ArgumentParser,
+    attach_negative_numbers,
+    gpu_memory,
+    machine_memory,
+    number,
+    refuse_size,
+    seed_number,
+    size_text,
+)
 from wuerstchen_lora.hub import resolve_lora_spec
 from wuerstchen_lora.models import (
     ADAPTER_NAME,
     DEFAULT_DECODER,
     DEFAULT_PRIOR,
     LORA_WEIGHTS_NAME,
+    TRAINING_INFO_NAME,
     UserError,
     build_prior_pipeline,
     check_lora_file,
@@ -28,24 +42,30 @@ from wuerstchen_lora.models import (
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_DECODER_STEPS = 1000  # the decoder's scheduler is continuous in t; past this more steps only take longer
+
+
+def note(message):
+    """A `note: ...` line on stderr (stdout carries the paths of the images written)."""
+    print(message, file=sys.stderr)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Generate images with a trained Wuerstchen prior LoRA: prior + LoRA -> decoder -> image files.", allow_abbrev=False)
+    p = ArgumentParser(description="Generate images with a trained Wuerstchen prior LoRA: prior + LoRA -> decoder -> image files.", allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="training output folder, a checkpoint-N folder, the .safetensors file, or a hub repo id (user/repo) holding " + LORA_WEIGHTS_NAME + " (a local path that exists wins)")
     p.add_argument("--revision", default=None, help="with a hub repo --checkpoint: the branch, tag or commit (default: main)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="the prompt")
     prompt.add_argument("--prompt_file", help="a text file with one prompt per line (blank lines ignored)")
     p.add_argument("--negative_prompt", default=None)
-    p.add_argument("--num_images", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=1024, help="output height in px (multiple of 128)")
-    p.add_argument("--width", type=int, default=1024, help="output width in px (multiple of 128)")
-    p.add_argument("--prior_guidance_scale", type=float, default=4.0)
-    p.add_argument("--decoder_steps", type=int, default=12)
-    p.add_argument("--decoder_guidance_scale", type=float, default=0.0)
-    p.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA; 0 gives the base model (also for DoRA, whose magnitudes otherwise apply in full at any scale)")
+    p.add_argument("--num_images", type=POSITIVE_INT, default=1, help="images per prompt, generated as one batch")
+    p.add_argument("--seed", type=seed_number(note), default=0, help=f"seed of the generator (reduced into [0, 2**{SEED_LIMIT.bit_length() - 1}) with a note)")
+    p.add_argument("--height", type=number(int), default=1024, help="output height in px (multiple of 128)")
+    p.add_argument("--width", type=number(int), default=1024, help="output width in px (multiple of 128)")
+    p.add_argument("--prior_guidance_scale", type=NON_NEGATIVE, default=4.0)
+    p.add_argument("--decoder_steps", type=number(int, 1, MAX_DECODER_STEPS), default=12)
+    p.add_argument("--decoder_guidance_scale", type=NON_NEGATIVE, default=0.0)
+    p.add_argument("--lora_scale", type=number(float), default=1.0, help="strength of the LoRA; 0 gives the base model (also for DoRA, whose magnitudes otherwise apply in full at any scale)")
     p.add_argument("--fuse_lora", action="store_true", help="merge the LoRA into the prior weights (same images, no extra latency)")
     p.add_argument("--prior_model", default=None, help="default: the base model the LoRA was trained on, else " + DEFAULT_PRIOR)
     p.add_argument("--decoder_model", default=None, help="default: the training metadata's decoder, else " + DEFAULT_DECODER)
@@ -53,37 +73,130 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--output", default="demo.png", help="image path: .png, .jpg/.jpeg or .webp (no extension: .png); several images get -0, -1, ... before the suffix")
     p.add_argument("--save_merged_prior", default=None, metavar="DIR", help="instead of generating: write the prior with the LoRA (times --lora_scale) merged in, loadable with WuerstchenPrior.from_pretrained")
-    args = p.parse_args(argv)
+    args = p.parse_args(attach_negative_numbers(p, argv))
     if args.save_merged_prior:
         args.dtype = args.dtype or "fp32"  # merge at full precision unless told otherwise
     elif args.prompt is None and args.prompt_file is None:
         raise UserError("give --prompt or --prompt_file (or --save_merged_prior DIR to export a merged prior)")
-    if args.num_images <= 0 or args.decoder_steps <= 0:
-        raise UserError("--num_images and --decoder_steps must be positive")
     for side in ("height", "width"):
         value = getattr(args, side)
         if value <= 0:
             raise UserError(f"--{side} {value}: the image size must be positive; give a multiple of 128 such as 1024")
-        rounded = max(128, round(value / 128) * 128)
+        rounded = max(128, round(fractions.Fraction(value, 128)) * 128)  # exact for any whole number (a float overflows)
         if value != rounded:
             print(f"note: --{side} {value} is not a multiple of 128; using {rounded}", file=sys.stderr)
             setattr(args, side, rounded)
     if not args.save_merged_prior:
         check_output_type(args.output)
+        check_output_folder(args.output)
     if args.save_merged_prior:
         args.prompts = []
     elif args.prompt_file is not None:
         if not os.path.isfile(args.prompt_file):
             raise UserError(f"--prompt_file {args.prompt_file}: no such file")
-        with open(args.prompt_file, encoding="utf-8", errors="replace") as f:
-            args.prompts = [line.strip() for line in f if line.strip()]
+        try:
+            with open(args.prompt_file, encoding="utf-8", errors="replace") as f:
+                args.prompts = [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise UserError(f"--prompt_file {args.prompt_file}: cannot be read ({e.strerror or e}); give a readable text file") from e
         if not args.prompts:
             raise UserError(f"--prompt_file {args.prompt_file} holds no prompt")
     else:
         args.prompts = [args.prompt]
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = check_device(args.device) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    if not args.save_merged_prior:
+        check_generation_size(args)
     return args
+
+
+def check_device(name):
+    """--device as torch names it, refused before any model loads when torch does not know it or
+    this machine lacks it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name}: not a device name torch knows; use cpu, cuda, cuda:N or mps (or leave --device out)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is visible to torch here (torch.cuda.is_available() is False); "
+                            "use --device cpu, or leave --device out")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {name}: this machine has {count} CUDA GPU{'s' * (count != 1)} (cuda:0 to cuda:{count - 1}); use one of those")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"--device {name}: Apple's MPS is not available here; use --device cpu, or leave --device out")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+            raise UserError(f"--device {name}: torch cannot generate on a {device.type} device here; use cpu, cuda or mps (or leave --device out)")
+    return str(device)
+
+
+def device_memory(device):
+    """(bytes, words) of the memory generation runs in: the GPU's, else this machine's RAM."""
+    if device.startswith("cuda"):
+        have = gpu_memory(torch.device(device).index or 0)
+        if have:
+            return have, f"the memory of {device}"
+    return machine_memory(), "this machine's memory"
+
+
+def check_generation_size(args):
+    """Refuse, before any model loads, images that cannot fit: the decoder makes all --num_images
+    of a prompt as one batch on the device, and every image is held in RAM until it is written.
+    Lower bounds (the images' own pixels), so what is refused could never run."""
+    n, pixels = args.num_images, 3 * args.height * args.width
+    element = 2 if args.dtype in ("fp16", "bf16") else 4
+    have, where = device_memory(args.device)
+    size = f"{args.height}x{args.width}"
+    refuse_size(f"--height {args.height} --width {args.width}: one image", pixels * element, have, where,
+                "use a smaller --height and --width (1024x1024 is the size the model was trained for)")
+    refuse_size(f"--num_images {n} at {size}: the decoder's batch of {n:,} images (about {size_text(pixels * element)} each)", n * pixels * element, have, where,
+                f"use --num_images {max(1, have // (pixels * element))} or less, and run again with another --seed for more")
+    count = n * len(args.prompts)
+    ram = machine_memory()
+    refuse_size(f"--num_images {n} x {len(args.prompts)} prompt{'s' * (len(args.prompts) != 1)} at {size}: the {count:,} images, held until they are written",
+                count * pixels, ram, "this machine's memory", "use a smaller --num_images, or split --prompt_file into several runs")
+
+
+def check_output_folder(output):
+    """--output's folder, checked before any model loads: a file where a folder must be is refused,
+    and so is a folder this process cannot write in (tried with an empty file, removed at once).
+    A folder that does not exist yet is made when the image is written."""
+    folder = os.path.dirname(os.path.abspath(output))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--output {output}: {existing} is a file, not a folder, so nothing can be written under it; choose another --output")
+    probe = os.path.join(existing, f".tmp-probe-{os.urandom(6).hex()}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        raise UserError(f"--output {output}: cannot write in {existing} ({e.strerror or e}); choose a folder you can write to") from e
+    os.unlink(probe)
+
+
+def training_info(lora_path):
+    """The training_info.json beside the LoRA file (None without one), checked: a damaged file or one
+    that is not the JSON object training writes is one error line, before any model loads."""
+    path = os.path.join(os.path.dirname(os.path.abspath(lora_path)), TRAINING_INFO_NAME)
+    fix = ("restore it from the training output, or move it away (the base models then come from --prior_model and --decoder_model, "
+           f"else {DEFAULT_PRIOR} and {DEFAULT_DECODER})")
+    try:
+        info = read_training_info(lora_path)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path} is not readable JSON ({str(e).splitlines()[0][:120]}); {fix}") from e
+    if info is None:
+        return None
+    if not isinstance(info, dict):
+        raise UserError(f"{path} holds a JSON {type(info).__name__}, not the object of settings training writes; {fix}")
+    for key in ("base_model", "decoder_model", "revision"):
+        if info.get(key) is not None and not isinstance(info[key], str):
+            raise UserError(f"{path}: {key} is {info[key]!r}, not a model name; {fix}")
+    return info
 
 
 def resolve_lora_path(checkpoint, revision=None):
@@ -118,7 +231,7 @@ def output_paths(output, n):
 
 def load_prior_pipeline(args, lora_path):
     """Prior pipeline with the LoRA loaded (checked) and scaled or fused."""
-    info = read_training_info(lora_path) or {}
+    info = training_info(lora_path) or {}
     dtype = DTYPES[args.dtype]
     prior_model = args.prior_model or info.get("base_model") or DEFAULT_PRIOR
     prior, text_encoder, tokenizer, scheduler = load_prior_components(prior_model, None if args.prior_model else info.get("revision"))
@@ -164,7 +277,7 @@ def scale_lora(prior_pipeline, scale):
 
 def load_pipelines(args, lora_path):
     """Prior pipeline with the LoRA, and the decoder pipeline."""
-    info = read_training_info(lora_path) or {}
+    info = training_info(lora_path) or {}
     decoder_model = args.decoder_model or info.get("decoder_model") or DEFAULT_DECODER
     return load_prior_pipeline(args, lora_path), load_decoder_pipeline(decoder_model, dtype=DTYPES[args.dtype], device=args.device)
 
@@ -195,6 +308,7 @@ def run(args):
     quiet_library_logs()
     lora_path = resolve_lora_path(args.checkpoint, args.revision)
     check_lora_file(lora_path)  # before minutes of model loading
+    training_info(lora_path)  # likewise
     if args.save_merged_prior:
         return save_merged_prior(args, lora_path)
     args.output = output_file(args.output)

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import tempfile
 
 import torch
@@ -441,7 +442,46 @@ def check_lora_file(lora_path):
             f"{lora_path} is not a Wuerstchen prior LoRA: {len(keys) - len(prior_keys)} of {len(keys)} keys lack "
             f"the 'prior.' prefix (e.g. {sample}); train one with train_wuerstchen_prior_lora.py"
         )
+    check_lora_structure(lora_path)
     return prior_keys
+
+
+# The prior's layers a LoRA can adapt (its Linear and Conv2d modules; blocks repeat ResBlock,
+# TimestepBlock, AttnBlock): the same names at every width and depth.
+PRIOR_LORA_MODULES = re.compile(
+    r"(projection|cond_mapper\.[02]|out\.1|blocks\.\d+\.(depthwise|channelwise\.[04]|mapper|kv_mapper\.1|attention\.(to_q|to_k|to_v|to_out\.0)))")
+LORA_TENSORS = re.compile(r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector(\.weight)?)")
+
+
+def check_lora_structure(lora_path):
+    """Every tensor of the file is a LoRA part (lora_A / lora_B, DoRA's magnitude) of a layer the
+    prior has, every lora_A has its lora_B and the two agree on the rank; else one UserError naming
+    what is missing or wrong, before the pipeline's loader fails on it with an IndexError or a
+    shape error. Reads the header only."""
+    shapes, modules = {}, {}
+    with safe_open(lora_path, framework="pt") as f:
+        for key in f.keys():
+            shapes[key] = f.get_slice(key).get_shape()
+    for key in sorted(shapes):
+        m = LORA_TENSORS.fullmatch(key[len("prior."):])
+        if not m:
+            raise UserError(f"{lora_path}: {key} is not a LoRA tensor (a LoRA file holds <layer>.lora_A.weight and <layer>.lora_B.weight); "
+                            "this is not a LoRA file for the Wuerstchen prior: train one with train_wuerstchen_prior_lora.py")
+        modules.setdefault(m["module"], {})[m["part"]] = shapes[key]
+    unknown = sorted(name for name in modules if not PRIOR_LORA_MODULES.fullmatch(name))
+    if unknown:
+        raise UserError(f"{lora_path}: {len(unknown)} of {len(modules)} adapted layers are not layers of the Wuerstchen prior "
+                        f"(e.g. prior.{unknown[0]}); the file was trained for another model")
+    for other in ("lora_B.weight", "lora_A.weight"):
+        lacking = sorted(name for name, parts in modules.items() if other not in parts)
+        if lacking:
+            raise UserError(f"{lora_path} is incomplete: {len(lacking)} of {len(modules)} layers have no {other.split('.')[0]} "
+                            f"(e.g. prior.{lacking[0]}.{other} is missing); the file is damaged or cut short: save or download it again")
+    for name in sorted(modules):
+        a, b = modules[name]["lora_A.weight"], modules[name]["lora_B.weight"]
+        if len(a) < 2 or len(b) < 2 or a[0] != b[1] or a[0] < 1:
+            raise UserError(f"{lora_path}: prior.{name} has lora_A of shape {list(a)} and lora_B of shape {list(b)}, which disagree on the rank "
+                            "(lora_A is [rank, in], lora_B [out, rank]); the file is damaged: save or download it again")
 
 
 # Not "lora": older peft strips ".<adapter name>" from parameter names, which mangles "lora_A".
