@@ -114,6 +114,7 @@ class OutputConfig:
     tracker_project_name: str
     logging_dir: str
     logging_steps: int
+    overwrite_output_dir: bool = False  # a new run in a folder holding an earlier one: delete that run's files first
 
 
 @dataclasses.dataclass(frozen=True)

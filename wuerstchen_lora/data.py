@@ -426,15 +426,16 @@ def caption_list(value):
     return [v.strip() for v in values if isinstance(v, str) and v.strip()]
 
 
-def caption_stats(dataset, caption_column, tokenizer=None):
-    """Counts of empty captions and of captions longer than the text encoder's 77 tokens."""
+def caption_stats(dataset, caption_column, tokenizer=None, prefix=""):
+    """Counts of empty captions and of captions longer than the text encoder's 77 tokens (with
+    --caption_prefix in front, as the text encoder gets them)."""
     empty = long = 0
     limit = getattr(tokenizer, "model_max_length", 77)
     for value in dataset[caption_column]:
         texts = caption_list(value)
         empty += not texts
         if tokenizer is not None and texts:
-            long += any(len(ids) > limit for ids in tokenizer(texts).input_ids)
+            long += any(len(ids) > limit for ids in tokenizer([prefix + t for t in texts]).input_ids)
     return {"empty_captions": empty, "long_captions": long}
 
 
@@ -614,6 +615,9 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def __init__(self, dataset, image_column, caption_column, transform, seed, captions=CaptionOptions(), repeats=1, row_buckets=None,
                  latent_channels=16, noise_offset=0.0):
+        from wuerstchen_lora.flags import check_epoch_size
+
+        check_epoch_size(len(dataset), repeats)  # the sampler's shuffled order of rows x repeats, before it is built
         self.latent_channels, self.noise_offset = latent_channels, noise_offset  # shape and offset of the drawn noise
         self.row_buckets = row_buckets  # (width, height) per row with aspect-ratio buckets, else None
         self.dataset = dataset

@@ -237,6 +237,9 @@ def add_output_flags(p):
     g.add_argument("--checkpointing_steps", type=NON_NEGATIVE_INT, default=500, help="save a resumable checkpoint every N steps; 0 = never")
     g.add_argument("--checkpoints_total_limit", type=POSITIVE_INT, default=None, help="keep only the newest N checkpoints")
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N folder, or 'latest' in --output_dir")
+    g.add_argument("--overwrite_output_dir", action="store_true", help="start a new run in an --output_dir that holds an earlier run of this trainer: "
+                   "its files (LoRA, checkpoints, args.json, model card, validation images, logs) are deleted, with a listing, when training starts; "
+                   "the embeddings cache and files this trainer did not write stay (without the flag such a run is refused)")
     g.add_argument("--discard_newer_checkpoints", action="store_true", help="with --resume_from_checkpoint an older checkpoint: delete the newer checkpoint-N folders in --output_dir (without it such a resume is refused)")
     g.add_argument("--push_to_hub", action="store_true", help="upload the LoRA, model card and validation images when training ends (log in with `huggingface-cli login` first)")
     g.add_argument("--hub_model_id", default=None, help="hub repo for --push_to_hub (default: the --output_dir folder's name)")
@@ -260,9 +263,25 @@ def parse_args(argv=None):
     p = ArgumentParser(description="Train a LoRA adapter on the Wuerstchen v2 prior (Stage C) and write pytorch_lora_weights.safetensors.", allow_abbrev=False)
     for add_flags in (add_model_flags, add_data_flags, add_optimisation_flags, add_output_flags):
         add_flags(p)
+    if argv is None:
+        argv = sys.argv[1:]
+        hide_hub_token()
     argv = attach_negative_numbers(p, argv)
     given = {a.dest for a in p._actions for s in a.option_strings for word in argv if word == s or word.startswith(s + "=")}
     return build_config(p.parse_args(argv), given)
+
+
+def hide_hub_token():
+    """Take --hub_token's value out of sys.argv once it is read, so that nothing later in this
+    process prints or records it (trackers log sys.argv, tracebacks show it). The launcher that
+    started the process (accelerate launch) and the process list still have it: HF_TOKEN, or the
+    token file `huggingface-cli login` writes, never show anywhere."""
+    args = sys.argv
+    for i, word in enumerate(args):
+        if word == "--hub_token" and i + 1 < len(args):
+            args[i + 1] = "***"
+        elif word.startswith("--hub_token="):
+            args[i] = "--hub_token=***"
 
 
 def attach_negative_numbers(parser, argv):
@@ -368,19 +387,43 @@ def build_config(ns, given=()):
     v.pop("local_rank")  # older launchers pass it; the environment accelerate sets decides
     check_data_flags(v)
     resolve_lora_flags(v, given)
+    check_magnitudes(v)
     check_output_flags(v)
     resolve_optimiser_flags(v)
     if v["push_to_hub"] and not v["hub_model_id"]:
         v["hub_model_id"] = os.path.basename(os.path.abspath(v["output_dir"]))
     check_tracker(v["report_to"])
     if v["hub_token"]:
-        warn("--hub_token is used for the upload only and never written anywhere, but it shows in your shell history and process list; prefer HF_TOKEN or `huggingface-cli login`")
+        warn("--hub_token is used for the upload only and never written anywhere, but it shows in your shell history and process list (and in accelerate launch's traceback when a run fails); "
+             "prefer HF_TOKEN or the token file `huggingface-cli login` writes")
     if v["validation_epochs"] and v["validation_steps"]:
         raise UserError("--validation_steps and --validation_epochs both say how often to validate; give one")
     if not v["validation_epochs"] and not v["validation_steps"]:
         v["validation_steps"] = 100
     check_sizes(v)
     return from_values(v)
+
+
+# Far past any value that trains (each is finite and positive, so the argparse types let it through):
+# a run with them skips every step or writes overflowing weights, then ends with status 0.
+MAX_LORA_SCALE = 1000.0  # alpha / rank (alpha / sqrt(rank) with --use_rslora); 1-4 is usual
+MAX_LEARNING_RATE = 10.0  # AdamW trains at 1e-5..1e-3; Prodigy is run at 1
+MAX_NOISE_OFFSET = 1.0  # a share of the unit-variance noise; 0.05-0.1 is usual
+
+
+def check_magnitudes(v):
+    """Absurd magnitudes, refused before anything loads."""
+    scale = v["lora_alpha"] / (math.sqrt(v["rank"]) if v["use_rslora"] else v["rank"])
+    if scale > MAX_LORA_SCALE:
+        where = " (from --init_lora's file)" if v["init_lora"] else ""
+        raise UserError(f"--lora_alpha {v['lora_alpha']:g}{where} with --rank {v['rank']} scales the LoRA by {scale:g}, more than {MAX_LORA_SCALE:g}: "
+                        f"its output overflows and nothing trains; use an alpha near the rank (e.g. --lora_alpha {v['rank']})")
+    if v["learning_rate"] > MAX_LEARNING_RATE:
+        raise UserError(f"--learning_rate {v['learning_rate']:g} is above {MAX_LEARNING_RATE:g}: the weights diverge at once; "
+                        "use 1e-4 (AdamW; 1 with --optimizer prodigy)")
+    if v["noise_offset"] > MAX_NOISE_OFFSET:
+        raise UserError(f"--noise_offset {v['noise_offset']:g} is above {MAX_NOISE_OFFSET:g} (a share of the unit-variance noise): "
+                        "the loss overflows and every step is skipped; use 0.05-0.1, or 0 (off)")
 
 
 def check_tracker(report_to):
@@ -451,6 +494,8 @@ def check_output_flags(v):
             if folder and out and os.path.isdir(folder) and inside(out, folder):
                 raise UserError(f"--{out_flag} {out} is inside --{data_flag} {folder}: what a run writes there (validation images, "
                                 "checkpoints, the cache) would be read as data by the next run; put it outside the dataset folder")
+    if v["overwrite_output_dir"] and v["resume_from_checkpoint"]:
+        raise UserError("--overwrite_output_dir starts a new run (it deletes the earlier one's files); it does not go with --resume_from_checkpoint: give one")
     resume_path(v["output_dir"], v["resume_from_checkpoint"], v["discard_newer_checkpoints"])  # refused before anything is written
 
 

@@ -9,6 +9,7 @@
 - a write that fails (a full disk, a read-only or forbidden folder) becomes one `error:` line.
 """
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -18,9 +19,20 @@ import struct
 import time
 import uuid
 import zipfile
+from typing import Optional
 
 from wuerstchen_lora.models import LORA_WEIGHTS_NAME, TRAINING_INFO_NAME, UserError
-from wuerstchen_lora.outputs import CHECKPOINT_RE, TRAINER_STATE_NAME, list_checkpoints
+from wuerstchen_lora.outputs import (
+    CHECKPOINT_RE,
+    EMA_STATE_NAME,
+    LEGACY_EMA_STATE_NAME,
+    TRAINER_ID,
+    TRAINER_STATE_NAME,
+    checkpoint_owner,
+    earlier_run,
+    list_checkpoints,
+    own_checkpoints,
+)
 
 LOCK_NAME = ".trainer.lock"
 STATE_FORMAT = 2
@@ -34,6 +46,7 @@ MUST_MATCH = (
     ("gradient_accumulation_steps", "--gradient_accumulation_steps"), ("num_processes", "the process count"),
     ("seed", "--seed"), ("repeats", "--repeats"), ("optimizer", "--optimizer"), ("use_ema", "--use_ema"),
     ("distributed_type", "the distributed set-up"), ("with_prior_preservation", "--with_prior_preservation"),
+    ("lr_scheduler", "--lr_scheduler"),  # the schedule's kind: another one makes the learning rate jump mid-run
 )
 # Arguments never reported as changed on resume.
 NOT_REPORTED = {"resume_from_checkpoint", "discard_newer_checkpoints", "training_data"}
@@ -250,9 +263,12 @@ def run_settings(cfg, accelerator):
     return settings
 
 
-def checkpoint_state(cfg, training_data, accelerator, global_step):
-    """The content of checkpoint-N/trainer_state.json: the whole configuration, and the data's fingerprint."""
+def checkpoint_state(cfg, training_data, accelerator, global_step, run_id=None):
+    """The content of checkpoint-N/trainer_state.json: who wrote it (this trainer, which run), the
+    whole configuration, and the data's fingerprint."""
     return {
+        "trainer": TRAINER_ID,
+        "run_id": run_id,
         "format": STATE_FORMAT,
         "global_step": global_step,
         "seed": cfg.seed,
@@ -462,9 +478,9 @@ def resume_path(output_dir, resume_from_checkpoint, discard_newer_checkpoints=Fa
             raise UserError("--discard_newer_checkpoints only goes with --resume_from_checkpoint (it deletes the checkpoints newer than the one resumed)")
         return None
     if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
+        found = own_checkpoints(output_dir, damaged=True)  # another tool's checkpoint-N is never "latest"
         if not found:
-            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N in {output_dir}; start without the flag")
+            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N of this trainer in {output_dir}; start without the flag")
         return found[-1][1]
     path = resume_from_checkpoint
     if not os.path.isdir(path):
@@ -499,7 +515,16 @@ def plan_resume(cfg, accelerator):
     if changed:
         raise UserError(f"{path} was trained with other settings: {'; '.join(changed)}. Resume with the checkpoint's settings, "
                         f"or start a new run (without --resume_from_checkpoint, in another --output_dir)")
-    newer = [p for s, p in list_checkpoints(out.output_dir) if s > step]
+    if optim.use_ema:
+        problem = ema_state_problem(path)
+        if problem:
+            raise _damaged(path, problem[0], problem[1], earlier_readable_checkpoint(path, sharded))
+    foreign = [name for name in sorted(os.listdir(out.output_dir)) if CHECKPOINT_RE.match(name) and int(CHECKPOINT_RE.match(name).group(1)) > step
+               and os.path.isdir(os.path.join(out.output_dir, name)) and checkpoint_owner(os.path.join(out.output_dir, name))[0] is False] if os.path.isdir(out.output_dir) else []
+    if foreign:
+        raise UserError(f"{out.output_dir} holds {', '.join(foreign)}, not written by this trainer, where this run will write its own checkpoints; "
+                        f"move {'them' if len(foreign) > 1 else 'it'} out of --output_dir and resume again")
+    newer = [p for s, p in own_checkpoints(out.output_dir, damaged=True) if s > step]
     if newer and not out.discard_newer_checkpoints:
         names = ", ".join(os.path.basename(p) for p in newer)
         raise UserError(f"--resume_from_checkpoint {path} is at step {step}, but {out.output_dir} holds newer checkpoints ({names}) "
@@ -523,10 +548,68 @@ def check_training_data(plan, source, dataset, columns):
     return new
 
 
+def ema_state_problem(path):
+    """(file, what is wrong) when a checkpoint holds no usable EMA state, else None. Read before any
+    model loads: the safetensors header, or a legacy pickle through torch.load(weights_only=True),
+    which refuses anything but tensors and plain values (never runs code from the file)."""
+    from wuerstchen_lora.outputs import read_ema_state
+
+    return read_ema_state(path)[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStart:
+    """What guard_run decided: the checkpoint to resume (or None), the run's identity (recorded in
+    every checkpoint; kept on resume), and what --overwrite_output_dir deletes once training starts."""
+
+    plan: Optional[ResumePlan]
+    run_id: Optional[str]
+    earlier_files: tuple = ()
+
+
+def fresh_output_dir(output):
+    """For a run without --resume_from_checkpoint: what --output_dir holds of an earlier run, to be
+    deleted by --overwrite_output_dir; refused without that flag, and always refused for files
+    this trainer did not write (a run would overwrite or mix with them). `output`: OutputConfig."""
+    folder = output.output_dir
+    ours, foreign = earlier_run(folder, output.logging_dir)
+
+    def names(items):
+        return ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
+
+    if foreign:
+        raise UserError(f"--output_dir {folder} holds files this trainer did not write ({names(foreign)}) that a new run would overwrite or mix "
+                        f"with its own; choose another --output_dir (--overwrite_output_dir deletes only this trainer's own files, "
+                        f"--resume_from_checkpoint resumes only its own checkpoints)")
+    if ours and not output.overwrite_output_dir:
+        resumable = own_checkpoints(folder)
+        resume = ("continue it with --resume_from_checkpoint latest" if resumable
+                  else "it has no checkpoint for --resume_from_checkpoint to continue")
+        raise UserError(f"--output_dir {folder} holds an earlier run ({names(ours)}); {resume}, start it over with --overwrite_output_dir "
+                        f"(deletes that run's files, keeps the embeddings cache), or choose another --output_dir")
+    return tuple(ours)
+
+
 def guard_run(cfg, accelerator):
-    """At the start of setup: the lock, then the resume checks. Returns the ResumePlan (or None)."""
+    """At the start of setup: the lock, then the resume checks, or for a new run the check that
+    --output_dir holds no earlier run. Returns a RunStart."""
     lock_output_dir(cfg.output.output_dir, accelerator)
-    return plan_resume(cfg, accelerator)
+    plan = plan_resume(cfg, accelerator)
+    if plan is not None:
+        return RunStart(plan, plan.state.get("run_id"))
+    earlier, message = (), None
+    if accelerator.is_main_process:  # one process decides (and later deletes): the others might see it half-done
+        try:
+            earlier = fresh_output_dir(cfg.output)
+        except UserError as e:
+            message = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([message])[0]
+    if message:
+        raise UserError(message)
+    return RunStart(None, uuid.uuid4().hex, earlier)
 
 
 def changed_settings(plan, cfg):

@@ -5,6 +5,7 @@ Every file is written under a temporary name and renamed into place; a checkpoin
 renamed into place once complete, so `latest` never picks a half-written one.
 """
 
+import json
 import os
 import re
 import shutil
@@ -29,6 +30,15 @@ from wuerstchen_lora.models import (
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE_NAME = "trainer_state.json"
 EMA_WEIGHTS_NAME = "pytorch_lora_weights_ema.safetensors"
+EMA_STATE_NAME = "ema_state.safetensors"  # a checkpoint's EMA state (never a pickle: ema_state_problem)
+LEGACY_EMA_STATE_NAME = "custom_checkpoint_0.pkl"  # what accelerate wrote for it before: read with weights_only=True only
+# Recorded in every checkpoint's trainer_state.json: the trainer deletes and prunes only what it wrote.
+TRAINER_ID = "wuerstchen_lora.train_wuerstchen_prior_lora"
+# What a finished (or interrupted) run leaves at the top of --output_dir besides its checkpoints.
+RUN_FILES = (LORA_WEIGHTS_NAME, EMA_WEIGHTS_NAME, PEFT_ADAPTER_DIR, TRAINING_INFO_NAME, "args.json", "README.md")
+# Written by a run too, but no sign of one on their own (kept by a fresh run, deleted by --overwrite_output_dir
+# with the run they belong to). The embeddings cache is never deleted: it is keyed by its content.
+RUN_EXTRAS = ("loss_curve.png", "validation_grid.png", "validation")
 
 
 def list_checkpoints(output_dir):
@@ -41,6 +51,108 @@ def list_checkpoints(output_dir):
             if m and os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
                 found.append((int(m.group(1)), path))
     return sorted(found)
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def checkpoint_owner(path):
+    """(written by this trainer: True, False, or None when its trainer_state.json is unreadable; its
+    run id) of a checkpoint-N folder. Checkpoints from before the identity was recorded are
+    recognised by their layout (a trainer_state.json with the recorded configuration beside the
+    LoRA file); their run id is None."""
+    file = os.path.join(path, TRAINER_STATE_NAME)
+    state = _read_json(file)
+    if state is None:
+        return (None if os.path.isfile(file) else False), None
+    if state.get("trainer") == TRAINER_ID:
+        return True, state.get("run_id")
+    legacy = isinstance(state.get("global_step"), int) and any(isinstance(state.get(k), dict) for k in ("settings", "config", "args"))
+    return legacy and os.path.isfile(os.path.join(path, LORA_WEIGHTS_NAME)), None
+
+
+def own_checkpoints(output_dir, run_id=False, damaged=False):
+    """list_checkpoints, only those this trainer wrote; with `run_id` (None included: a run from
+    before run ids), only that run's; with `damaged`, also those whose state file is unreadable
+    (for 'latest', so that the damage is reported, and for --discard_newer_checkpoints)."""
+    found = []
+    for step, path in list_checkpoints(output_dir):
+        ours, rid = checkpoint_owner(path)
+        if (ours or damaged and ours is None) and (run_id is False or rid == run_id):
+            found.append((step, path))
+    return found
+
+
+def _file_is_ours(output_dir, name):
+    """Whether a top-level run file was written by this trainer (judged by its content)."""
+    path = os.path.join(output_dir, name)
+    if name == "args.json":
+        from wuerstchen_lora.config import flatten_record
+
+        record = flatten_record(_read_json(path))
+        return "pretrained_prior_model_name_or_path" in record and "rank" in record
+    if name == TRAINING_INFO_NAME:
+        info = _read_json(path) or {}
+        return "base_model" in info and "lora" in info and "global_step" in info
+    if name == "README.md":
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read(200_000)
+        except OSError:
+            return False
+        return "# Wuerstchen prior LoRA" in text and "train_wuerstchen_prior_lora.py" in text
+    return None  # the LoRA files and the PEFT folder: ours when the run they belong to is
+
+
+def earlier_run(output_dir, logging_dir="logs"):
+    """What --output_dir holds of an earlier run: (this trainer's entries, entries this trainer did
+    not write but would overwrite or mix with its own), as names relative to the folder, sorted."""
+    if not os.path.isdir(output_dir):
+        return [], []
+    names = sorted(os.listdir(output_dir))
+    ours, foreign, undecided = [], [], []
+    for name in names:
+        path = os.path.join(output_dir, name)
+        if CHECKPOINT_RE.match(name) and os.path.isdir(path):
+            (ours if checkpoint_owner(path)[0] is True else foreign).append(name)
+        elif name in RUN_FILES:
+            verdict = _file_is_ours(output_dir, name)
+            (undecided if verdict is None else ours if verdict else foreign).append(name)
+    if not ours:
+        return [], sorted(foreign + undecided, key=_order)
+    extras = [n for n in RUN_EXTRAS if n in names]
+    logs = os.path.normpath(logging_dir)
+    if not os.path.isabs(logs) and not logs.startswith("..") and os.path.isdir(os.path.join(output_dir, logs)):
+        extras.append(logs)
+    extras += [n for n in names if n.startswith((".tmp-checkpoint-", ".tmp-old-checkpoint-", ".tmp-lora-"))]
+    return sorted(ours + undecided + extras, key=_order), sorted(foreign, key=_order)
+
+
+def _order(name):
+    m = CHECKPOINT_RE.match(name)
+    return (1, int(m.group(1)), "") if m else (0, 0, name)
+
+
+def delete_earlier_run(output_dir, names):
+    """--overwrite_output_dir: delete the earlier run's entries (earlier_run's first list, made when
+    the run started), each named in a listing; anything else in the folder stays."""
+    if not names:
+        return
+    print(f"--overwrite_output_dir: deleting the earlier run in {output_dir} ({len(names)} entries; the embeddings cache and other files stay):", flush=True)
+    for name in names:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+            print(f"  deleted {name}{os.sep}", flush=True)
+        elif os.path.lexists(path):
+            os.unlink(path)
+            print(f"  deleted {name}", flush=True)
 
 
 def sharded_engine(accelerator):
@@ -61,8 +173,85 @@ def gathered_lora_state(accelerator, model, prior):
     return get_peft_model_state_dict(prior, state_dict=full) if full is not None else {}
 
 
-def register_lora_checkpoint_hooks(accelerator, prior, lora_config, info):
-    """Checkpoints hold the LoRA file instead of the whole 4 GB prior, and resume into the SAME adapter."""
+EMA_SCALARS = {"decay": float, "min_decay": float, "optimization_step": int, "update_after_step": int,
+               "use_ema_warmup": bool, "inv_gamma": (int, float), "power": (int, float)}
+
+
+def save_ema_state(folder, ema, names):
+    """The EMA (diffusers' EMAModel) as safetensors: the shadow weights under the trainable
+    parameters' names, its counters in the header. Replaces accelerate's custom_checkpoint_0.pkl,
+    which accelerate reads back with a full unpickler (code in the file would run)."""
+    from wuerstchen_lora.models import atomic_save_tensors
+
+    state = ema.state_dict()
+    scalars = {k: state[k] for k in EMA_SCALARS}
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in zip(names, state["shadow_params"])}
+    atomic_save_tensors(tensors, os.path.join(folder, EMA_STATE_NAME), metadata={"ema": json.dumps({**scalars, "names": list(names)})})
+
+
+def read_ema_state(path):
+    """(state, None) with the EMA state of checkpoint `path` ({counters..., "names", "shadow_params"}),
+    or (None, (file name, what is wrong)). The legacy pickle is read with weights_only=True only."""
+    file = os.path.join(path, EMA_STATE_NAME)
+    if os.path.isfile(file):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(file, framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("ema") or "null")
+                names = meta.get("names") if isinstance(meta, dict) else None
+                if not isinstance(names, list) or sorted(names) != sorted(f.keys()):
+                    return None, (EMA_STATE_NAME, "is damaged (its header does not describe its weights)")
+                state = dict(meta, shadow_params=[f.get_tensor(n) for n in names])
+        except Exception as e:  # a damaged header or file: safetensors raises its own types
+            return None, (EMA_STATE_NAME, f"is damaged ({type(e).__name__})")
+        name = EMA_STATE_NAME
+    elif os.path.isfile(os.path.join(path, LEGACY_EMA_STATE_NAME)):
+        name = LEGACY_EMA_STATE_NAME
+        try:
+            state = torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError: the file holds more than weights (maybe code)
+            return None, (name, f"cannot be read safely as weights ({type(e).__name__}); it is not loaded")
+        if not isinstance(state, dict):
+            return None, (name, "is damaged (not an EMA state)")
+        state = dict(state, names=None)
+    else:
+        return None, (EMA_STATE_NAME, "is missing (the checkpoint was saved without --use_ema, or is incomplete)")
+    shadow = state.get("shadow_params")
+    if not isinstance(shadow, list) or not shadow or not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in shadow):
+        return None, (name, "is damaged (it holds no EMA weights)")
+    for key, kind in EMA_SCALARS.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            return None, (name, f"is damaged (no valid {key})")
+    if not 0 <= state["decay"] <= 1 or state["optimization_step"] < 0:
+        return None, (name, "is damaged (decay or step out of range)")
+    if not all(torch.isfinite(t).all() for t in shadow):
+        return None, (name, "is damaged (NaN/inf in the EMA weights)")
+    return state, None
+
+
+def load_ema_state(path, ema, names):
+    """Restore a checkpoint's EMA state into `ema` in place (device and dtype stay), checked
+    against this run's trainable parameters; a damaged or mismatched state is a UserError."""
+    state, problem = read_ema_state(path)
+    if problem:
+        raise UserError(f"checkpoint {path} cannot be resumed: {os.path.join(path, problem[0])} {problem[1]}; "
+                        f"resume from an earlier checkpoint, or start without --resume_from_checkpoint")
+    shadow = state["shadow_params"]
+    if state["names"] is not None and list(state["names"]) != list(names) or len(shadow) != len(ema.shadow_params) \
+            or any(a.shape != b.shape for a, b in zip(shadow, ema.shadow_params)):
+        raise UserError(f"checkpoint {path}: its EMA state does not fit this adapter; resume with the checkpoint's --rank and --lora_target_modules")
+    with torch.no_grad():
+        for target, value in zip(ema.shadow_params, shadow):
+            target.copy_(value)
+    for key in EMA_SCALARS:
+        setattr(ema, key, state[key])
+
+
+def register_lora_checkpoint_hooks(accelerator, prior, lora_config, info, ema=None, param_names=None):
+    """Checkpoints hold the LoRA file instead of the whole 4 GB prior, and resume into the SAME
+    adapter; with --use_ema, the EMA state too (as safetensors: save_ema_state)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -78,8 +267,12 @@ def register_lora_checkpoint_hooks(accelerator, prior, lora_config, info):
                     atomic_write_json(os.path.join(output_dir, TRAINING_INFO_NAME), info)
                 if weights and not sharded_engine(accelerator):
                     weights.pop(i)  # accelerate would otherwise write the whole prior
+        if ema is not None and accelerator.is_main_process:
+            save_ema_state(output_dir, ema, param_names)
 
     def load_hook(models, input_dir):
+        if ema is not None:
+            load_ema_state(input_dir, ema, param_names)
         if sharded_engine(accelerator):
             return  # the engine restores its own (sharded) model state
         for i in reversed(range(len(models))):
@@ -96,7 +289,7 @@ def register_lora_checkpoint_hooks(accelerator, prior, lora_config, info):
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, cfg, training_data, global_step):
+def save_checkpoint(accelerator, cfg, training_data, global_step, run_id=None):
     """accelerate state (LoRA via the hook, optimiser, LR schedule, grad scaler, RNG) into checkpoint-N,
     with trainer_state.json recording the configuration and data a resume depends on (guard.checkpoint_state).
 
@@ -115,7 +308,7 @@ def save_checkpoint(accelerator, cfg, training_data, global_step):
         accelerator.save_state(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            atomic_write_json(os.path.join(tmp, TRAINER_STATE_NAME), checkpoint_state(cfg, training_data, accelerator, global_step))
+            atomic_write_json(os.path.join(tmp, TRAINER_STATE_NAME), checkpoint_state(cfg, training_data, accelerator, global_step, run_id))
             replace_folder(tmp, final)
     except Exception as e:
         # torch.save says only "unexpected pos ..." on a full disk: look before the partial files go.
@@ -126,14 +319,17 @@ def save_checkpoint(accelerator, cfg, training_data, global_step):
             raise OSError(problem, os.strerror(problem), final) from e
         raise
     if accelerator.is_main_process and cfg.output.checkpoints_total_limit:
-        prune_checkpoints(output_dir, cfg.output.checkpoints_total_limit, global_step)
+        prune_checkpoints(output_dir, cfg.output.checkpoints_total_limit, global_step, run_id)
     accelerator.wait_for_everyone()
     return final
 
 
 def replace_folder(tmp, final):
-    """Rename `tmp` onto `final`; an existing `final` is moved aside first and removed only after."""
+    """Rename `tmp` onto `final`; an existing `final` is moved aside first and removed only after.
+    A `final` this trainer did not write is never replaced (the up-front checks refuse such folders)."""
     old = None
+    if os.path.isdir(final) and checkpoint_owner(final)[0] is False:
+        raise UserError(f"{final} exists and was not written by this trainer; move it out of --output_dir and resume with --resume_from_checkpoint latest")
     if os.path.isdir(final):
         old = os.path.join(os.path.dirname(final), ".tmp-old-" + os.path.basename(final))
         if os.path.isdir(old):
@@ -144,10 +340,11 @@ def replace_folder(tmp, final):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def prune_checkpoints(output_dir, limit, current_step):
-    """Keep the newest `limit` checkpoints up to `current_step`: the one just written is always
-    among them, and none newer than it is touched here."""
-    done = [(s, p) for s, p in list_checkpoints(output_dir) if s <= current_step]
+def prune_checkpoints(output_dir, limit, current_step, run_id):
+    """Keep the newest `limit` checkpoints of this run (`run_id`, recorded in each trainer_state.json)
+    up to `current_step`: the one just written is always among them, none newer than it is touched
+    here, and neither is a folder another run or another tool wrote."""
+    done = [(s, p) for s, p in own_checkpoints(output_dir, run_id) if s <= current_step]
     for _, old in done[:-limit]:
         shutil.rmtree(old)
 
@@ -167,7 +364,15 @@ def resume_checkpoint(run, cfg):
         raise UserError(f"{path} is at step {step}, past the {run.max_steps} steps this run is set to "
                         f"(--num_train_epochs {cfg.optim.num_train_epochs}); give --max_train_steps {step} or more")
     try:
-        accelerator.load_state(path)
+        try:
+            accelerator.load_state(path)
+        except RuntimeError as e:
+            # accelerate counts custom_checkpoint_*.pkl files against the objects registered with it
+            # (none: the EMA state is ours to load, done by the hook) and refuses the difference,
+            # after it has loaded everything else. Such a file (an earlier version's EMA state, read
+            # by the hook with weights_only=True, or a planted one) is never unpickled here.
+            if not str(e).startswith("Number of custom checkpoints"):
+                raise
     except UserError:
         raise
     except Exception as e:  # damage the up-front checks cannot see
@@ -349,6 +554,35 @@ def training_info(cfg, accelerator, lora_config, global_step, trainable, total):
         "total_parameters": total,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
     }
+
+
+def check_merged_prior_target(target, prior_model):
+    """infer.py --save_merged_prior: outputs never overwrite inputs. Refused: the base prior's own
+    folder (or anything inside it), and for a hub prior, the hub cache it is read from."""
+    from wuerstchen_lora.flags import inside
+
+    if os.path.isdir(prior_model):
+        if inside(target, prior_model):
+            raise UserError(f"--save_merged_prior {target} is inside the base prior {prior_model}: its weights would be overwritten by the merged ones; "
+                            "give another folder")
+        return
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    if inside(target, HF_HUB_CACHE):
+        raise UserError(f"--save_merged_prior {target} is inside the hub cache {HF_HUB_CACHE}, where the base prior {prior_model} is read from; "
+                        "give another folder")
+
+
+def write_merged_prior(prior, folder):
+    """prior.save_pretrained, then the files it wrote get the mode a plain open() gives (safetensors
+    writes its files 0600, whatever the umask)."""
+    from wuerstchen_lora.models import apply_umask
+
+    prior.save_pretrained(folder)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and (name == "config.json" or name.startswith("diffusion_pytorch_model")):
+            apply_umask(path)
 
 
 HUB_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors", "README.md", "training_info.json", "loss_curve.png", "validation_grid.png",

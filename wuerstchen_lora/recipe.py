@@ -33,6 +33,7 @@ from wuerstchen_lora.objective import (
     step_seed,
 )
 from wuerstchen_lora.outputs import (
+    delete_earlier_run,
     list_checkpoints,
     push_to_hub,
     register_lora_checkpoint_hooks,
@@ -277,6 +278,7 @@ def load_data(cfg, accelerator):
         if not os.path.isdir(model.pretrained_prior_model_name_or_path) and read_prior_config(model.pretrained_prior_model_name_or_path, model.revision) is None:
             # Not in the hub cache when the flags were checked: fetch the small config now (the prior needs it anyway).
             check_lora_rank(cfg.lora.rank, cfg.lora.lora_target_modules, read_prior_config(model.pretrained_prior_model_name_or_path, model.revision, download=True))
+    check_caption_prefix(data.caption_prefix, tokenizer)
     sizes, bad = readable_images(cfg, accelerator, dataset, image_column)
     held_out, keep = split_held_out(cfg, accelerator, dataset, sorted(sizes), image_column, caption_column)
     report = {"bad_images": len(bad), "bad_examples": [f"{n}: {r}" for _, n, r in bad[:20]],
@@ -286,11 +288,23 @@ def load_data(cfg, accelerator):
         keep, row_buckets, report["buckets"], report["too_small_for_bucket"] = bucket_rows(data, keep, sizes)
     dataset = dataset.select(keep) if len(keep) != len(dataset) else dataset
     report["images"] = len(dataset)
-    report.update(caption_stats(dataset, caption_column, tokenizer))
+    report.update(caption_stats(dataset, caption_column, tokenizer, data.caption_prefix))  # with the prefix: what CLIP is given
     # Counted over the whole dataset, before --max_train_samples and the image checks.
     report["numeric_captions"], report["unlisted_images"] = loaded.get("numeric_captions", 0), loaded.get("unlisted_images", 0)
     report["non_utf8_caption_files"] = loaded.get("non_utf8_caption_files", 0)  # the training set's, not the held-out set's
     return LoadedData(dataset, image_column, caption_column, held_out, row_buckets, report, tokenizer)
+
+
+def check_caption_prefix(prefix, tokenizer):
+    """A --caption_prefix that fills CLIP's 77 tokens (its start and end tokens included) leaves no
+    room for any caption: every caption would be truncated away. Refused before the images are read."""
+    if not prefix:
+        return
+    limit = tokenizer.model_max_length
+    n = len(tokenizer(prefix).input_ids)
+    if n >= limit:
+        raise UserError(f"--caption_prefix is {n - 2} tokens long: with CLIP's start and end tokens that fills the {limit} the text encoder reads, "
+                        f"so every caption would be cut off behind it; shorten it to well under {limit - 2} tokens (a trigger word or two)")
 
 
 def load_source(cfg, stats):
@@ -516,6 +530,8 @@ class Run:
     cfg: TrainConfig
     accelerator: "accelerate.Accelerator"
     resume_plan: Optional["guard.ResumePlan"] = None  # the checkpoint to resume, checked before anything loads
+    run_id: Optional[str] = None  # recorded in each checkpoint (kept on resume): only this run's checkpoints are pruned
+    earlier_files: tuple = ()  # --overwrite_output_dir: the earlier run's entries, deleted when training starts
     data: Optional[LoadedData] = None  # the checked training data (setup_data)
     training_data: Optional[dict] = None  # its fingerprint, recorded in checkpoints and compared on resume
     # frozen parts
@@ -560,7 +576,9 @@ def setup(cfg):
     from wuerstchen_lora.guard import guard_run
 
     run = Run(cfg=cfg, accelerator=make_accelerator(cfg))
-    run.resume_plan = guard_run(cfg, run.accelerator)  # the output-folder lock; the checkpoint checked before anything loads
+    # The output-folder lock; the checkpoint checked, or a new run's folder found free of an earlier run, before anything loads.
+    start = guard_run(cfg, run.accelerator)
+    run.resume_plan, run.run_id, run.earlier_files = start.plan, start.run_id, start.earlier_files
     setup_data(run)
     prior = setup_frozen_models(run)
     examples = setup_examples(run, prior)
@@ -680,13 +698,14 @@ def setup_loop(run, prior, examples, trainable, total):
         # diffusers' EMA: the decay ramps up as (1 + n) / (10 + n) to --ema_decay; its state is checkpointed.
         run.ema = EMAModel(run.params, decay=optim.ema_decay)
         run.ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(run.ema)
+        # Checkpointed by the hooks below as safetensors, not through accelerate's register_for_checkpointing
+        # (a pickle accelerate reads back with a full unpickler: a planted file would run code on resume).
     run.info = training_info(cfg, accelerator, run.lora_config, 0, trainable, total)
     run.info["loss_history"] = []  # [step, training loss] of every step of this run (None: skipped)
     if run.class_examples is not None:
         run.info["class_loss_history"] = []  # [step, class loss] (prior preservation)
     run.info["data"] = run.data.report
-    register_lora_checkpoint_hooks(accelerator, run.unwrapped, run.lora_config, run.info)
+    register_lora_checkpoint_hooks(accelerator, run.unwrapped, run.lora_config, run.info, run.ema, run.param_names)
     return run
 
 
@@ -799,7 +818,7 @@ def after_update(run, loss, finite, global_step):
     # Several processes agree on stopping through an all-reduce; one process just reads its flag.
     stop = run.accelerator.check_trigger() if run.accelerator.num_processes > 1 else bool(run.stop_signals)
     if stop or checkpoint:
-        path = save_checkpoint(run.accelerator, run.cfg, run.training_data, global_step)
+        path = save_checkpoint(run.accelerator, run.cfg, run.training_data, global_step, run.run_id)
         if stop:
             raise Interrupted(run.stop_signals[0] if run.stop_signals else 15, path)
     if validation:
@@ -865,6 +884,10 @@ def train(cfg):
     run = setup(cfg)
     accelerator, optim = run.accelerator, cfg.optim
     global_step = resume_checkpoint(run, cfg) if run.resume_plan else 0
+    if run.earlier_files:  # --overwrite_output_dir: now that the new run has loaded and is about to write
+        if accelerator.is_main_process:
+            delete_earlier_run(cfg.output.output_dir, run.earlier_files)
+        accelerator.wait_for_everyone()
     if cfg.output.report_to != "none":
         tracked = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.flat().items()}
         accelerator.init_trackers(cfg.output.tracker_project_name, config=tracked)
@@ -917,9 +940,18 @@ def run_epochs(run, global_step):
 
 
 def finish(run, global_step):
-    """The final validation, the output files, the summary and the upload."""
+    """The final validation, the output files, the summary and the upload. A run whose every update
+    was skipped (non-finite losses) has trained nothing: it fails instead of writing the LoRA it
+    started from."""
     cfg, accelerator = run.cfg, run.accelerator
     accelerator.wait_for_everyone()
+    history = run.info["loss_history"]
+    if history and all(loss is None for _, loss in history):
+        last = [p for s, p in list_checkpoints(cfg.output.output_dir) if s <= global_step - len(history)]  # from before this run
+        raise NonFiniteLoss(
+            f"every update of this run ({len(history)} of {len(history)}) was skipped for a non-finite loss (NaN/inf), so the LoRA "
+            f"did not train and no final files were written. Last good checkpoint: {last[-1] if last else 'none'}. "
+            f"Check --noise_offset, --learning_rate and --lora_alpha, or try --mixed_precision bf16")
     run.info["global_step"] = global_step
     run.info["data"]["skipped_nonfinite_steps"] = run.nonfinite_total
     run.info["speed"] = speed_report(run)
