@@ -283,10 +283,14 @@ def load_pipelines(args, lora_path):
 
 
 def save_merged_prior(args, lora_path):
-    """Merge the LoRA into the prior's weights, drop the adapter layers and save a plain prior."""
+    """Merge the LoRA into the prior's weights, drop the adapter layers and save a plain prior
+    (never into the base prior's own folder: checked before the models load)."""
+    from wuerstchen_lora.outputs import check_merged_prior_target, write_merged_prior
+
+    check_merged_prior_target(args.save_merged_prior, args.prior_model or (read_training_info(lora_path) or {}).get("base_model") or DEFAULT_PRIOR)
     args.fuse_lora = True
     prior_pipeline = load_prior_pipeline(args, lora_path)
-    prior_pipeline.prior.save_pretrained(args.save_merged_prior)
+    write_merged_prior(prior_pipeline.prior, args.save_merged_prior)
     print(args.save_merged_prior)
     return [args.save_merged_prior]
 
