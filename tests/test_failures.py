@@ -278,7 +278,7 @@ def test_failed_lora_save_leaves_the_previous_lora(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Non-finite losses
 
-def test_nonfinite_losses_stop_the_run_and_keep_the_good_files(tiny, tmp_path):
+def test_nonfinite_losses_stop_the_run_and_keep_the_good_files(tiny, tmp_path, monkeypatch):
     out = tmp_path / "out"
     # The first, good run also checks that a hub token in the environment is written nowhere.
     token = "hf_THISISASECRETTOKEN1234567890"
@@ -290,8 +290,12 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_good_files(tiny, tmp_path):
         if path.is_file():
             assert token.encode() not in path.read_bytes(), path
     lora_before = (out / LORA_WEIGHTS_NAME).read_bytes()
-    proc = run_script(train_args(tiny, out, extra=["--max_train_steps", "20", "--learning_rate", "1e8", "--max_grad_norm", "0",
-                                                  "--max_nonfinite_steps", "3", "--checkpointing_steps", "2"]), check=False)
+    # The same run continued, every loss from here on NaN (a learning rate that large is refused up front,
+    # and a new run in this folder would be refused as overwriting a finished run).
+    real = trainer.compute_loss
+    monkeypatch.setattr(trainer, "compute_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    proc = run_script(train_args(tiny, out, extra=["--max_train_steps", "20", "--max_nonfinite_steps", "3", "--checkpointing_steps", "2",
+                                                  "--resume_from_checkpoint", "latest"]), launcher="inprocess", check=False)
     assert_clean_error(proc, "non-finite losses in a row", "bf16", "lower --learning_rate", status=1)
     assert (out / LORA_WEIGHTS_NAME).read_bytes() == lora_before
     for _, folder in trainer.list_checkpoints(str(out)):

@@ -20,7 +20,7 @@ from conftest import run_script, train_args
 from wuerstchen_lora import guard as run_guard
 from wuerstchen_lora import recipe as trainer
 from wuerstchen_lora.models import LORA_WEIGHTS_NAME, UserError
-from wuerstchen_lora.outputs import list_checkpoints, prune_checkpoints
+from wuerstchen_lora.outputs import TRAINER_ID, list_checkpoints, prune_checkpoints
 
 STEPS = 4
 BASE = ["--checkpointing_steps", "2", "--learning_rate", "1e-3"]
@@ -201,8 +201,8 @@ def test_discard_newer_checkpoints_with_a_limit_keeps_the_new_ones(tiny, finishe
 def test_checkpoint_limit_never_deletes_the_checkpoint_just_written(tmp_path):
     for step in (1, 3, 5, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    prune_checkpoints(str(tmp_path), 1, current_step=5)
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step, "trainer": TRAINER_ID, "run_id": "r"}))
+    prune_checkpoints(str(tmp_path), 1, current_step=5, run_id="r")
     assert [s for s, _ in list_checkpoints(str(tmp_path))] == [5, 10]  # the newer one is not this run's to delete
 
 
