@@ -216,6 +216,9 @@ class CachedExamples(torch.utils.data.Dataset):
         with open(os.path.join(folder, MANIFEST)) as f:
             manifest = json.load(f)
         self.folder, self.rows, self.shards = folder, manifest["rows"], manifest["shards"]
+        from wuerstchen_lora.flags import check_epoch_size
+
+        check_epoch_size(self.rows, repeats)  # the sampler's shuffled order of rows x repeats, before it is built
         self.grids = manifest.get("grids") or [[resolution // 32, resolution // 32]] * self.rows
         self.random_flip, self.seed, self.epoch = random_flip, seed, 0
         self.captions, self.raw_captions, self.repeats = captions, raw_captions, repeats
