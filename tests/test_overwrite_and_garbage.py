@@ -270,6 +270,34 @@ def test_a_planted_pickle_beside_the_ema_state_is_never_loaded(tiny, finished, t
     assert "nothing left to train" in proc.stdout and not marker.exists()
 
 
+def test_an_ema_state_of_an_earlier_version_resumes_through_the_safe_loader(tiny, finished, tmp_path):
+    from safetensors.torch import load_file
+
+    from wuerstchen_lora.outputs import EMA_WEIGHTS_NAME, read_ema_state
+
+    out = copy_run(finished, tmp_path / "out")
+    state, problem = read_ema_state(str(out / "checkpoint-4"))
+    assert problem is None
+    del state["names"]
+    (out / "checkpoint-4" / EMA_STATE_NAME).unlink()
+    torch.save(state, out / "checkpoint-4" / LEGACY_EMA_STATE_NAME)  # what accelerate wrote before (EMAModel.state_dict())
+    (out / EMA_WEIGHTS_NAME).unlink()
+    proc = run(tiny, out, "--resume_from_checkpoint", "latest")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed, original = load_file(out / EMA_WEIGHTS_NAME), load_file(finished / EMA_WEIGHTS_NAME)
+    assert resumed.keys() == original.keys() and all(torch.equal(resumed[k], original[k]) for k in original)
+
+
+def test_resuming_a_checkpoint_from_elsewhere_into_a_finished_run_is_refused(tiny, finished, tmp_path, no_models):
+    out = copy_run(finished, tmp_path / "out")
+    for step in (2, 4):
+        shutil.rmtree(out / f"checkpoint-{step}")  # only the finished run's final files
+    before = snapshot(out)
+    assert_clean_error(run(tiny, out, "--resume_from_checkpoint", str(finished / "checkpoint-2")), "holds an earlier run",
+                       LORA_WEIGHTS_NAME, "args.json", "another --output_dir")
+    assert snapshot(out) == before
+
+
 # ---------------------------------------------------------------------------------------------
 # The hub token; the merged prior
 

@@ -595,8 +595,10 @@ def guard_run(cfg, accelerator):
     --output_dir holds no earlier run. Returns a RunStart."""
     lock_output_dir(cfg.output.output_dir, accelerator)
     plan = plan_resume(cfg, accelerator)
-    if plan is not None:
+    here = plan is not None and os.path.realpath(os.path.dirname(os.path.normpath(plan.path))) == os.path.realpath(cfg.output.output_dir)
+    if here:
         return RunStart(plan, plan.state.get("run_id"))
+    # A new run, or a checkpoint from another folder continued in this one: this one must not hold an earlier run.
     earlier, message = (), None
     if accelerator.is_main_process:  # one process decides (and later deletes): the others might see it half-done
         try:
@@ -609,7 +611,7 @@ def guard_run(cfg, accelerator):
         message = broadcast_object_list([message])[0]
     if message:
         raise UserError(message)
-    return RunStart(None, uuid.uuid4().hex, earlier)
+    return RunStart(plan, plan.state.get("run_id") if plan else uuid.uuid4().hex, earlier)
 
 
 def changed_settings(plan, cfg):
