@@ -92,7 +92,7 @@ def test_checkpoint_folder_and_bare_file(trained, tmp_path):
     (["unet.down_blocks.0.attentions.0.to_q.lora_A.weight"], "not a Wuerstchen prior LoRA"),
     (["prior.blocks.99.attention.to_q.lora_A.weight", "prior.blocks.99.attention.to_q.lora_B.weight"], "does not fit this prior"),
     (["prior.blocks.2.attention.to_q.lora_A.weight", "prior.blocks.2.attention.to_q.lora_B.weight",
-      "prior.blocks.2.attention.to_zz.lora_A.weight", "prior.blocks.2.attention.to_zz.lora_B.weight"], "did not take"),
+      "prior.blocks.2.attention.to_zz.lora_A.weight", "prior.blocks.2.attention.to_zz.lora_B.weight"], "not layers of the Wuerstchen prior"),
 ])
 def test_lora_for_another_model_fails_clearly(tiny, tmp_path, keys, message):
     bad = tmp_path / "pytorch_lora_weights.safetensors"
