@@ -24,8 +24,6 @@ from typing import Optional
 from wuerstchen_lora.models import LORA_WEIGHTS_NAME, TRAINING_INFO_NAME, UserError
 from wuerstchen_lora.outputs import (
     CHECKPOINT_RE,
-    EMA_STATE_NAME,
-    LEGACY_EMA_STATE_NAME,
     TRAINER_ID,
     TRAINER_STATE_NAME,
     checkpoint_owner,
