@@ -29,7 +29,7 @@ demo: setup
 		--image_encoder $(DEMO)/models/effnet.safetensors \
 		--dataset $(DEMO)/models/data --resolution 128 --train_batch_size 4 --random_flip \
 		--max_train_steps 40 --learning_rate 1e-3 --checkpointing_steps 20 \
-		--validation_prompts "a red circle" --validation_steps 20 --output_dir $(DEMO)/lora
+		--validation_prompts "a red circle" --validation_steps 20 --output_dir $(DEMO)/lora --overwrite_output_dir
 	$(PY) infer.py --checkpoint $(DEMO)/lora --prompt "a red circle" --height 256 --width 256 --output $(DEMO)/demo.png
 
 clean:

@@ -6,6 +6,9 @@
   resolution and buckets, the training data, batch layout, process count, seed, the step budget),
   its files are checked for damage, and resuming it next to newer checkpoints is refused unless
   --discard_newer_checkpoints says what to do with them;
+- a new run never overwrites a finished one: a folder that holds an earlier run is refused unless
+  --overwrite_output_dir (which deletes only this trainer's files), and files another tool wrote
+  are refused always (fresh_output_dir); checkpoints record the trainer and run that wrote them;
 - a write that fails (a full disk, a read-only or forbidden folder) becomes one `error:` line.
 """
 
