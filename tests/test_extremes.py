@@ -189,7 +189,9 @@ INFER_CASES = {
     "a side past a float": (["--width", str(10**400)], ["--width must be at most"]),
     "decoder steps": (["--decoder_steps", "1e6"], ["--decoder_steps must be in [1, 1000] (got 1000000)"]),
     "lora scale not finite": (["--lora_scale", "nan"], ["--lora_scale must be a finite number (got nan)"]),
-    "negative guidance": (["--prior_guidance_scale", "-1e-3"], ["--prior_guidance_scale must be 0 or more"]),
+    "negative guidance": (["--prior_guidance_scale", "-1e-3"], ["--prior_guidance_scale must be in [0, 1000] (got -0.001)"]),
+    "guidance that overflows": (["--decoder_guidance_scale", "1e30"], ["--decoder_guidance_scale must be in [0, 1000] (got 1e+30)"]),
+    "lora scale that overflows": (["--lora_scale", "-1e30"], ["--lora_scale must be in [-1000, 1000] (got -1e+30)"]),
     "seed not whole": (["--seed", "0.5"], ["--seed must be a whole number (got 0.5)"]),
     "a flag without its value": (["--num_images"], ["--num_images expected one argument"]),
 }

@@ -8,7 +8,6 @@ import sys
 import torch
 
 from wuerstchen_lora.flags import (
-    NON_NEGATIVE,
     POSITIVE_INT,
     SEED_LIMIT,
     ArgumentParser,
@@ -43,6 +42,7 @@ from wuerstchen_lora.models import (
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_DECODER_STEPS = 1000  # the decoder's scheduler is continuous in t; past this more steps only take longer
+MAX_SCALE = 1000.0  # --lora_scale and the guidance scales: far past any useful value (4 is usual), short of fp16's overflow
 
 
 def note(message):
@@ -62,10 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=seed_number(note), default=0, help=f"seed of the generator (reduced into [0, 2**{SEED_LIMIT.bit_length() - 1}) with a note)")
     p.add_argument("--height", type=number(int), default=1024, help="output height in px (multiple of 128)")
     p.add_argument("--width", type=number(int), default=1024, help="output width in px (multiple of 128)")
-    p.add_argument("--prior_guidance_scale", type=NON_NEGATIVE, default=4.0)
+    p.add_argument("--prior_guidance_scale", type=number(float, 0, MAX_SCALE), default=4.0)
     p.add_argument("--decoder_steps", type=number(int, 1, MAX_DECODER_STEPS), default=12)
-    p.add_argument("--decoder_guidance_scale", type=NON_NEGATIVE, default=0.0)
-    p.add_argument("--lora_scale", type=number(float), default=1.0, help="strength of the LoRA; 0 gives the base model (also for DoRA, whose magnitudes otherwise apply in full at any scale)")
+    p.add_argument("--decoder_guidance_scale", type=number(float, 0, MAX_SCALE), default=0.0)
+    p.add_argument("--lora_scale", type=number(float, -MAX_SCALE, MAX_SCALE), default=1.0, help="strength of the LoRA; 0 gives the base model (also for DoRA, whose magnitudes otherwise apply in full at any scale)")
     p.add_argument("--fuse_lora", action="store_true", help="merge the LoRA into the prior weights (same images, no extra latency)")
     p.add_argument("--prior_model", default=None, help="default: the base model the LoRA was trained on, else " + DEFAULT_PRIOR)
     p.add_argument("--decoder_model", default=None, help="default: the training metadata's decoder, else " + DEFAULT_DECODER)
