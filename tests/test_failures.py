@@ -60,8 +60,10 @@ def test_output_dir_that_is_a_file_and_latest_without_checkpoint(tmp_path, capsy
     a_file.write_text("precious")
     assert trainer.main(BASE + ["--output_dir", str(a_file)]) == 2
     assert "is a file" in capsys.readouterr().err and a_file.read_text() == "precious"
+    # 'latest' with no checkpoint yet starts a new run (issue 19), which then fails on BASE's missing dataset
     assert trainer.main(BASE + ["--output_dir", str(tmp_path / "new"), "--resume_from_checkpoint", "latest"]) == 2
-    assert "no complete checkpoint" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "note: --resume_from_checkpoint latest: no checkpoint in" in captured.out and "--dataset data" in captured.err
 
 
 def test_parser_errors_are_one_line(capsys):
@@ -87,7 +89,7 @@ def no_models_args(dataset, out, *extra):
             str(out) + "-no-such-prior", "--report_to", "none", *extra]
 
 
-@pytest.mark.parametrize("case", ["missing", "empty_folder", "no_captions", "wrong_column", "some_captions_missing", "empty_file"])
+@pytest.mark.parametrize("case", ["missing", "empty_folder", "no_captions", "wrong_column", "most_captions_missing", "empty_file"])
 def test_data_errors_before_models_load(tmp_path, case, capsys):
     folder = tmp_path / "data"
     extra = []
@@ -104,10 +106,11 @@ def test_data_errors_before_models_load(tmp_path, case, capsys):
     elif case == "wrong_column":
         dataset = make_image_dataset(folder, "jsonl", n=3)
         extra, needles = ["--caption_column", "prompt"], ["'prompt' is not a column", "image, caption"]
-    elif case == "some_captions_missing":
+    elif case == "most_captions_missing":  # missing caption files count as empty ones (issue 19): a warning at half or fewer
         make_image_dataset(folder, "txt_captions", n=4)
-        next(iter(sorted(folder.glob("*.txt")))).unlink()
-        dataset, needles = folder, ["1 of 4 images have no caption file", "img_000"]
+        for txt in sorted(folder.glob("*.txt"))[:3]:
+            txt.unlink()
+        dataset, needles = folder, ["3 of 4 captions are missing or empty", "without a caption file", "img_000", "--allow_missing_captions"]
     else:
         dataset = tmp_path / "data.jsonl"
         dataset.write_text("")

@@ -29,6 +29,7 @@ from torchvision.transforms import functional as TF
 
 from wuerstchen_lora.data import (
     CaptionOptions,
+    EpochRows,
     caption_count,
     caption_list,
     pick_caption,
@@ -209,16 +210,16 @@ class CachedExamples(torch.utils.data.Dataset):
     when tags are shuffled (the text differs every epoch), the "caption" to encode}.
 
     Crop window, flip, caption choice, caption dropout, tag order and noise come from the same
-    `sample_plan` as the uncached path's; each row appears `repeats` times per epoch.
+    `sample_plan` as the uncached path's; each row appears `repeats` times per epoch (times its own count in
+    `per_row`, kohya's repeat folders).
     """
 
-    def __init__(self, folder, resolution, random_flip, seed, captions=CaptionOptions(), raw_captions=None, repeats=1, noise_offset=0.0):
+    def __init__(self, folder, resolution, random_flip, seed, captions=CaptionOptions(), raw_captions=None, repeats=1, noise_offset=0.0, per_row=None):
         with open(os.path.join(folder, MANIFEST)) as f:
             manifest = json.load(f)
         self.folder, self.rows, self.shards = folder, manifest["rows"], manifest["shards"]
-        from wuerstchen_lora.flags import check_epoch_size
-
-        check_epoch_size(self.rows, repeats)  # the sampler's shuffled order of rows x repeats, before it is built
+        # Sample -> row, with each row's own repeats (kohya's folders) as in the uncached path; checks the epoch fits.
+        self.index = EpochRows(self.rows, repeats, per_row)
         self.grids = manifest.get("grids") or [[resolution // 32, resolution // 32]] * self.rows
         self.random_flip, self.seed, self.epoch = random_flip, seed, 0
         self.captions, self.raw_captions, self.repeats = captions, raw_captions, repeats
@@ -232,7 +233,7 @@ class CachedExamples(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __len__(self):
-        return self.rows * self.repeats
+        return len(self.index)
 
     def _file(self, name):
         if name not in self._files:
@@ -261,7 +262,7 @@ class CachedExamples(torch.utils.data.Dataset):
         return "text_embeddings", self._file(f"texts-{row % self.shards:03d}.safetensors").get_tensor(f"{row}.{plan.caption_index}")
 
     def __getitem__(self, index):
-        row = index % self.rows
+        row = self.index.row(index)
         captions = caption_count(self.raw_captions[row]) if self.captions.shuffle_tags else self.caption_count(row)
         plan = sample_plan(self.seed, self.epoch, index, captions, self.captions.dropout, self.random_flip)
         image = self._file(f"images-{row % self.shards:03d}.safetensors").get_tensor(f"{row}.flip" if plan.flip else str(row))

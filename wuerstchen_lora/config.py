@@ -53,6 +53,9 @@ class DataConfig:
     max_bad_images: float
     allow_missing_captions: bool
     noise_offset: float  # the per-sample noise is drawn with the data (data.sample_noise)
+    caption_extension: str = ".txt"  # a folder's caption files (.txt and .caption are read as well)
+    caption_from: Optional[str] = None  # "folder" or "filename": a folder's captions from names
+    no_folder_repeats: bool = False  # kohya's N_name folders read as plain folders
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ import io
 import math
 import os
 import random
+import re
 
 import numpy as np
 import torch
@@ -49,50 +50,189 @@ def read_caption_file(path):
         return raw.decode("latin-1").strip(), False
 
 
-def _caption_folder(folder, images, stats=None):
-    """A folder of images with same-stem .txt captions, as a datasets.Dataset. Counts the caption
-    files that were not UTF-8 in `stats["non_utf8_caption_files"]` (per load: a count kept across
-    loads would add up repeated loads and the held-out set)."""
+CAPTION_EXTENSIONS = (".txt", ".caption")  # kohya's --caption_extension default, and the other spelling its users have
+# kohya's repeat folders: `train/10_mychar/` holds images trained 10 times per epoch.
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+FOLDER_COLUMN = "__folder__"  # the top-level folder of each row, added only when some folder is an N_name repeat folder
+
+
+def normal_extension(text):
+    """--caption_extension as ".ext" (kohya writes it with the dot; "txt" is accepted too)."""
+    text = (text or ".txt").strip()
+    return text if text.startswith(".") else "." + text
+
+
+def caption_file(image, extension=".txt"):
+    """The caption file of an image: same stem with `extension`, else with the other kohya spelling
+    (.txt or .caption); None when there is none."""
+    stem = os.path.splitext(image)[0]
+    for ext in dict.fromkeys((extension,) + CAPTION_EXTENSIONS):
+        if os.path.isfile(stem + ext):
+            return stem + ext
+    return None
+
+
+def top_folder(folder, image):
+    """The first folder of `image` below the dataset `folder` ("" for an image in the folder itself)."""
+    rel = os.path.relpath(image, folder)
+    parts = rel.split(os.sep)
+    return "" if len(parts) < 2 or parts[0] == ".." else parts[0]
+
+
+def folder_repeats(name):
+    """Repeats of a top-level folder by kohya's naming: `10_mychar` -> 10; other names (and the
+    dataset folder itself) -> None."""
+    match = REPEAT_FOLDER.match(name)
+    return int(match.group(1)) if match else None
+
+
+def _other_caption_extensions(images):
+    """Extensions of same-stem non-image files beside the images (a hint for --caption_extension)."""
+    found = {}
+    stems = {os.path.splitext(p)[0] for p in images}
+    for folder in {os.path.dirname(p) for p in images}:
+        for name in os.listdir(folder):
+            stem, ext = os.path.splitext(os.path.join(folder, name))
+            if stem in stems and ext and ext.lower() not in IMAGE_EXTENSIONS and ext.lower() not in (".npz", ".json"):
+                found[ext] = found.get(ext, 0) + 1
+    return sorted(found, key=lambda e: -found[e])
+
+
+def _caption_folder(folder, images, stats=None, extension=".txt", allow_missing=False):
+    """A folder of images with same-stem caption files (`extension`, default .txt; .txt and
+    .caption are both read), as a datasets.Dataset. An image without a caption file trains as the
+    empty caption, like an empty file (check_captions warns or refuses); the count goes to
+    `stats["missing_caption_files"]` with an example. Counts the caption files that were not UTF-8
+    in `stats["non_utf8_caption_files"]` (per load: a count kept across loads would add up repeated
+    loads and the held-out set)."""
     import datasets
 
-    paths, captions, missing, non_utf8 = [], [], [], 0
+    paths, captions, missing, non_utf8, used = [], [], [], 0, {}
     for image in images:
-        txt = os.path.splitext(image)[0] + ".txt"
-        if not os.path.isfile(txt):
+        txt = caption_file(image, extension)
+        if txt is None:
             missing.append(os.path.relpath(image, folder))
-            continue
-        caption, utf8 = read_caption_file(txt)
+            caption = ""
+        else:
+            caption, utf8 = read_caption_file(txt)
+            non_utf8 += not utf8
+            ext = os.path.splitext(txt)[1]
+            used[ext] = used.get(ext, 0) + 1
         captions.append(caption)
-        non_utf8 += not utf8
         paths.append(image)
+    if len(missing) == len(images) and not allow_missing:
+        others = _other_caption_extensions(images)
+        hint = f"; found {others[0]} files beside them: pass --caption_extension {others[0]}" if others else ""
+        raise UserError(
+            f"--dataset {folder}: {len(images)} images but no captions (no same-stem {' or '.join(dict.fromkeys((extension,) + CAPTION_EXTENSIONS))} "
+            f"files){hint}; add a caption file beside each image or metadata.jsonl (file_name, text), caption them by name with "
+            "--caption_from folder|filename, or pass --allow_missing_captions to train them all as the empty caption"
+        )
     if stats is not None:
         stats["non_utf8_caption_files"] = non_utf8
-    if missing:
-        raise UserError(
-            f"--dataset {folder}: {len(missing)} of {len(images)} images have no caption file "
-            f"(e.g. {missing[0]}); add a same-stem .txt beside each image or remove them"
-        )
+        stats["missing_caption_files"] = len(missing)
+        stats["missing_caption_example"] = missing[0] if missing else None
+        stats["caption_files"] = used
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
     return datasets.Dataset.from_dict({"image": paths, "text": captions}, features=features)
 
 
-def _load_from_folder(folder, cache_dir, stats=None):
+def add_folder_column(dataset, folder, paths, stats=None):
+    """kohya's repeat folders: when a top-level folder of `folder` is named N_name, each row gets
+    its top-level folder in FOLDER_COLUMN (it follows the rows through every selection) and
+    `stats["folder_repeats"]` maps each folder to its repeats (1 for other folders and for images
+    in `folder` itself). Unchanged when no folder is named so."""
+    tops = [top_folder(folder, p) for p in paths]
+    repeats = {name: folder_repeats(name) for name in sorted(set(tops))}
+    if not any(r is not None for r in repeats.values()):
+        return dataset
+    zero = [name for name, r in repeats.items() if r == 0]
+    if zero:
+        raise UserError(f"--dataset {folder}: the folder {zero[0]} asks for 0 repeats (kohya's N_name folders: N repeats per epoch); "
+                        "rename it with a positive N, move it out, or pass --no_folder_repeats if the name is not a repeat count")
+    if stats is not None:
+        stats["folder_repeats"] = {name: r or 1 for name, r in repeats.items()}
+    return dataset.add_column(FOLDER_COLUMN, tops)
+
+
+def row_repeats(dataset, stats):
+    """Each row's repeats from its kohya N_name folder, or None when the dataset has none."""
+    if FOLDER_COLUMN not in dataset.column_names or not stats.get("folder_repeats"):
+        return None
+    table = stats["folder_repeats"]
+    return [table[name] for name in dataset[FOLDER_COLUMN]]
+
+
+def folder_shares(dataset, stats, repeats=1):
+    """The `data: ...` line of kohya repeat folders: each folder's images, repeats and share of the
+    epoch's samples (after every selection); None without repeat folders."""
+    per_row = row_repeats(dataset, stats)
+    if per_row is None:
+        return None
+    counts = {}
+    for name in dataset[FOLDER_COLUMN]:
+        counts[name] = counts.get(name, 0) + 1
+    total = sum(per_row) * repeats
+    parts = []
+    for name in sorted(counts):
+        r = stats["folder_repeats"][name]
+        samples = counts[name] * r * repeats
+        times = f"{r} x --repeats {repeats}" if repeats != 1 else f"{r}"
+        n = counts[name]
+        parts.append(f"{name or '(the dataset folder itself)'} {n} image{'s' * (n != 1)} x {times} = {samples} ({100 * samples / total:.0f}%)")
+    return f"data: kohya repeat folders, {total} samples per epoch: " + "; ".join(parts)
+
+
+def _image_paths(dataset, column):
+    """The local file of each row's image (None for images held as bytes), without decoding."""
     import datasets
 
-    if any(os.path.isfile(os.path.join(folder, m)) for m in METADATA_FILES):
+    raw = dataset.cast_column(column, datasets.Image(decode=False))
+    return [(v or {}).get("path") if isinstance(v, dict) else v for v in raw[column]]
+
+
+def name_caption(folder, image, caption_from):
+    """kohya's captions from names: "folder", the image's folder name without its repeat count
+    (`10_sks dog/` -> "sks dog"); "filename", its file stem with underscores as spaces."""
+    if caption_from == "folder":
+        parent = os.path.basename(os.path.dirname(os.path.abspath(image)))
+        match = REPEAT_FOLDER.match(parent)
+        return (match.group(2) if match else parent).replace("_", " ").strip()
+    return os.path.splitext(os.path.basename(image))[0].replace("_", " ").strip()
+
+
+def _load_from_folder(folder, cache_dir, stats=None, extension=".txt", allow_missing=False, caption_from=None):
+    import datasets
+
+    has_metadata = any(os.path.isfile(os.path.join(folder, m)) for m in METADATA_FILES)
+    if caption_from:
+        if has_metadata:
+            raise UserError(f"--caption_from {caption_from}: {folder} has a metadata file, whose captions would be ignored; "
+                            "leave out --caption_from, or remove the metadata file")
+        images = _list_images(folder)
+        if not images:
+            raise UserError(f"--dataset {folder}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        stats["caption_source"] = f"{caption_from} names"
+        features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+        return datasets.Dataset.from_dict({"image": images, "text": [name_caption(folder, p, caption_from) for p in images]}, features=features)
+    if has_metadata:
         dataset = datasets.load_dataset("imagefolder", data_dir=folder, split="train", cache_dir=cache_dir)
         if stats is not None:  # images the metadata does not list are left out by `datasets`, silently
             stats["unlisted_images"] = max(0, len(_list_images(folder)) - len(dataset))
+            stats["caption_source"] = next(m for m in METADATA_FILES if os.path.isfile(os.path.join(folder, m)))
+            listed = {caption_file(p, extension) for p in _list_images(folder)} - {None}
+            stats["ignored_caption_files"] = len(listed)
         return dataset
     images = _list_images(folder)
     if not images:
         raise UserError(f"--dataset {folder}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    if not any(os.path.isfile(os.path.splitext(p)[0] + ".txt") for p in images):
-        raise UserError(
-            f"--dataset {folder}: {len(images)} images but no captions; add metadata.jsonl "
-            "(file_name, text) or a same-stem .txt caption beside each image"
-        )
-    return _caption_folder(folder, images, stats)
+    meta = os.path.join(folder, "meta_cap.json")
+    if os.path.isfile(meta) and not any(caption_file(p, extension) for p in images):
+        raise UserError(f"--dataset {folder}: its captions are in {meta}, kohya's fine-tuning metadata, which this trainer does not read; "
+                        "write each caption to a same-stem .txt beside its image, or a metadata.jsonl (file_name, text) into the folder")
+    if stats is not None:
+        stats["caption_source"] = "caption files"
+    return _caption_folder(folder, images, stats, extension, allow_missing)
 
 
 def _load_from_file(path, cache_dir):
@@ -141,14 +281,21 @@ def _pick_column(dataset, requested, flag, candidates, want_image):
     raise UserError(f"no {kind} column found; pass {flag} (the dataset has: {', '.join(columns)})")
 
 
-def load_training_dataset(spec, image_column=None, caption_column=None, revision=None, cache_dir=None, stats=None, config_name=None):
+def load_training_dataset(spec, image_column=None, caption_column=None, revision=None, cache_dir=None, stats=None, config_name=None,
+                          caption_extension=".txt", allow_missing_captions=False, folder_repeats=False, caption_from=None):
     """Returns (datasets.Dataset, image column, caption column) with the image column decoded to PIL
     and the captions as text. `stats` (a dict), when given, receives what was converted or left out.
-    `config_name`: a hub dataset's configuration (--dataset_config_name)."""
+    `config_name`: a hub dataset's configuration (--dataset_config_name). A local folder's caption
+    files end in `caption_extension` (or .txt/.caption); `allow_missing_captions` lets a folder
+    without any train. `folder_repeats`: read kohya's N_name folders (add_folder_column).
+    `caption_from` ("folder" or "filename"): a local folder's captions from names (name_caption)."""
     if not spec:
         raise UserError("--dataset is required: a hub dataset name, a local folder, or a .jsonl/.csv/.parquet file")
+    stats = {} if stats is None else stats
     if os.path.isdir(spec):
-        dataset = _load_from_folder(spec, cache_dir, stats)
+        dataset = _load_from_folder(spec, cache_dir, stats, normal_extension(caption_extension), allow_missing_captions, caption_from)
+    elif caption_from:
+        raise UserError(f"--caption_from {caption_from} names captions after a local folder's files; --dataset {spec} is not a folder")
     elif os.path.isfile(spec):
         dataset = _load_from_file(spec, cache_dir)
     elif os.path.splitext(spec)[1].lower() in FILE_BUILDERS or spec.startswith((".", "/", "~")):
@@ -158,13 +305,31 @@ def load_training_dataset(spec, image_column=None, caption_column=None, revision
     if len(dataset) == 0:
         raise UserError(f"--dataset {spec}: the dataset is empty")
 
+    if os.path.isfile(spec):
+        _refuse_kohya_metadata(spec, dataset)
     image_column = _pick_column(dataset, image_column, "--image_column", IMAGE_COLUMN_NAMES, want_image=True)
     caption_column = _pick_column(dataset, caption_column, "--caption_column", CAPTION_COLUMN_NAMES, want_image=False)
+    stats["caption_column"] = caption_column
     # Relative image paths are relative to the file that lists them.
     base = os.path.dirname(os.path.abspath(spec)) if os.path.isfile(spec) else None
     dataset = _as_image_column(dataset, image_column, base)
     dataset = _captions_as_text(dataset, caption_column, stats)
+    if folder_repeats and os.path.isdir(spec):
+        dataset = add_folder_column(dataset, spec, _image_paths(dataset, image_column), stats)
     return dataset, image_column, caption_column
+
+
+def _refuse_kohya_metadata(spec, dataset):
+    """kohya's fine-tuning metadata (meta_cap.json: {image key: {"caption", "tags"}}) read as a
+    .json file is one row with a column per image: refused by name instead of "no image column"."""
+    if os.path.splitext(spec)[1].lower() != ".json" or len(dataset) != 1:
+        return
+    row = dataset[0]
+    values = [v for v in row.values() if isinstance(v, dict)]
+    if values and len(values) == len(row) and all(set(v) & {"caption", "tags"} for v in values):
+        raise UserError(f"--dataset {spec}: this is kohya's fine-tuning metadata (meta_cap.json: image -> caption/tags), which this trainer "
+                        "does not read; give the image folder with a same-stem .txt caption beside each image, or a metadata.jsonl "
+                        "(one {\"file_name\": ..., \"text\": ...} per line) in that folder")
 
 
 def _describe_feature(feature):
@@ -358,12 +523,51 @@ def upscale_needed(size, bucket):
     return max(bucket[0] / size[0], bucket[1] / size[1])
 
 
+class EpochRows:
+    """Sample index -> dataset row over one epoch: each row `per_row[i]` times (kohya's N_name
+    folders; None: once each), the whole `repeats` (--repeats) times. Sample k of a pass is row k
+    when every row appears once, so that plain runs draw what they always drew; a row's copies are
+    neighbours in the index and differ, like --repeats copies, by their sample plans. No list of
+    the epoch is built (an epoch may be huge): the index is found by bisection."""
+
+    def __init__(self, rows, repeats=1, per_row=None):
+        from wuerstchen_lora.flags import check_epoch_size
+
+        if per_row is not None and len(per_row) != rows:
+            raise ValueError(f"{len(per_row)} repeat counts for {rows} rows")
+        self.rows, self.repeats = rows, repeats
+        self.per_row = None if per_row is None or all(r == 1 for r in per_row) else [int(r) for r in per_row]
+        self.ends = None if self.per_row is None else np.cumsum(self.per_row)
+        self.per_pass = rows if self.per_row is None else int(self.ends[-1])
+        # The sampler's shuffled order of the epoch must fit, before it is built.
+        if self.per_row is None:
+            check_epoch_size(rows, repeats)
+        else:
+            from wuerstchen_lora.flags import ORDER_BYTES_PER_SAMPLE, machine_memory, refuse_size
+
+            refuse_size(f"kohya repeat folders: an epoch of {self.per_pass:,} samples per pass x --repeats {repeats}, whose shuffled order",
+                        self.per_pass * repeats * ORDER_BYTES_PER_SAMPLE, machine_memory(), "this machine's memory",
+                        "lower the N of the N_name folders or --repeats (more passes: --num_train_epochs), or pass --no_folder_repeats")
+
+    def __len__(self):
+        return self.per_pass * self.repeats
+
+    def row(self, index):
+        offset = index % self.per_pass
+        return offset if self.ends is None else int(np.searchsorted(self.ends, offset, side="right"))
+
+    def pass_rows(self):
+        """The row of each sample of one pass, as an array (row(k) for k < per_pass)."""
+        return np.arange(self.rows) if self.per_row is None else np.repeat(np.arange(self.rows), self.per_row)
+
+
 class BucketBatchSampler(torch.utils.data.Sampler):
     """Batches drawn from one bucket at a time, every batch full (a bucket's last batch is topped up
     with other images of that bucket), in an order fixed by (seed, epoch)."""
 
-    def __init__(self, row_buckets, batch_size, seed, repeats=1):
+    def __init__(self, row_buckets, batch_size, seed, repeats=1, per_row=None):
         self.row_buckets, self.batch_size, self.seed, self.repeats = row_buckets, batch_size, seed, repeats
+        self.index = EpochRows(len(row_buckets), repeats, per_row)  # the same sample -> row map as the dataset's
         self.drop_last = False  # read by accelerate when it shards the batches between processes
         self.epoch = 0
 
@@ -371,9 +575,9 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def _groups(self):
-        groups = {}
-        for i in range(len(self.row_buckets) * self.repeats):
-            groups.setdefault(self.row_buckets[i % len(self.row_buckets)], []).append(i)
+        groups, rows, per_pass = {}, self.index.pass_rows().tolist(), self.index.per_pass
+        for i in range(len(self.index)):
+            groups.setdefault(self.row_buckets[rows[i % per_pass]], []).append(i)
         return groups
 
     def __len__(self):
@@ -439,18 +643,25 @@ def caption_stats(dataset, caption_column, tokenizer=None, prefix=""):
     return {"empty_captions": empty, "long_captions": long}
 
 
-def check_captions(dataset, caption_column, spec, allow_missing=False):
+def check_captions(dataset, caption_column, spec, allow_missing=False, missing_file=None, caption_files=False):
     """Refuses a dataset whose captions are mostly missing or empty (null in a .jsonl/.parquet, blank
-    in a .csv, empty .txt files, a column of the wrong name or kind): such a run trains a mostly
-    unconditional LoRA and would end with exit status 0. Returns a warning line, or None, for fewer
-    missing captions (or more, with `allow_missing`)."""
+    in a .csv, missing or empty caption files, a column of the wrong name or kind): such a run trains
+    a mostly unconditional LoRA and would end with exit status 0. Returns a warning line, or None,
+    for fewer missing captions (or more, with `allow_missing`). `caption_files`: a folder of images
+    with caption files, `missing_file` one of its images without one, for the message."""
     missing = sum(not caption_list(value) for value in dataset[caption_column])
     if not missing:
         return None
-    share = f"{missing} of {len(dataset)} captions (column {caption_column!r}) are missing or empty"
+    if caption_files or missing_file is not None:
+        example = f"; e.g. {missing_file} has none" if missing_file else ""
+        share = f"{missing} of {len(dataset)} captions are missing or empty (images without a caption file or with an empty one{example})"
+        fix = "add the caption files (or name their extension with --caption_extension)"
+    else:
+        share = f"{missing} of {len(dataset)} captions (column {caption_column!r}) are missing or empty"
+        fix = "name the right column with --caption_column"
     if 2 * missing > len(dataset) and not allow_missing:
         raise UserError(f"--dataset {spec}: {share}, so the LoRA would learn mostly without captions; fix the captions, "
-                        "name the right column with --caption_column, or pass --allow_missing_captions to train them as the empty caption")
+                        f"{fix}, or pass --allow_missing_captions to train them as the empty caption")
     return f"warning: {share}; those images train as the empty (unconditional) caption"
 
 
@@ -611,13 +822,12 @@ class ImageTransform:
 
 class CaptionedImages(torch.utils.data.Dataset):
     """Rows of a datasets.Dataset as {"noise", "timestep", "pixel_values", "caption"}, each row `repeats`
-    times per epoch; deterministic per (seed, epoch, index)."""
+    times per epoch (times its own count in `per_row`, kohya's repeat folders); deterministic per
+    (seed, epoch, index)."""
 
     def __init__(self, dataset, image_column, caption_column, transform, seed, captions=CaptionOptions(), repeats=1, row_buckets=None,
-                 latent_channels=16, noise_offset=0.0):
-        from wuerstchen_lora.flags import check_epoch_size
-
-        check_epoch_size(len(dataset), repeats)  # the sampler's shuffled order of rows x repeats, before it is built
+                 latent_channels=16, noise_offset=0.0, per_row=None):
+        self.index = EpochRows(len(dataset), repeats, per_row)  # checks that the epoch's shuffled order fits
         self.latent_channels, self.noise_offset = latent_channels, noise_offset  # shape and offset of the drawn noise
         self.row_buckets = row_buckets  # (width, height) per row with aspect-ratio buckets, else None
         self.dataset = dataset
@@ -633,13 +843,14 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __len__(self):
-        return len(self.dataset) * self.repeats
+        return len(self.index)
 
     def __getitem__(self, index):
-        row = self.dataset[index % len(self.dataset)]
+        i = self.index.row(index)
+        row = self.dataset[i]
         value = row[self.caption_column]
         plan = sample_plan(self.seed, self.epoch, index, caption_count(value), self.captions.dropout, self.transform.random_flip)
         caption = "" if plan.drop_caption else self.captions.apply(pick_caption(value, plan.caption_index), plan.tag_seed)
-        pixels = self.transform(row[self.image_column], plan, self.row_buckets[index % len(self.dataset)] if self.row_buckets else None)
+        pixels = self.transform(row[self.image_column], plan, self.row_buckets[i] if self.row_buckets else None)
         noise, timestep = sample_noise(plan.noise_seed, (self.latent_channels, pixels.shape[-2] // 32, pixels.shape[-1] // 32), self.noise_offset)
         return {"noise": noise, "timestep": timestep, "pixel_values": pixels, "caption": caption}

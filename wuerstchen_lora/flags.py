@@ -171,13 +171,17 @@ def add_data_flags(p):
     g.add_argument("--aspect_ratio_buckets", action="store_true", help="train each image at the bucket (sides multiple of 32, about resolution^2 pixels) nearest its aspect ratio instead of a square crop")
     g.add_argument("--bucket_max_upscale", type=number(float, 1), default=2.0, help="with buckets: leave out images that would need more enlargement than this")
     g.add_argument("--dataloader_num_workers", type=NON_NEGATIVE_INT, default=0)
-    g.add_argument("--repeats", type=POSITIVE_INT, default=1, help="how often each image appears per epoch")
+    g.add_argument("--repeats", type=POSITIVE_INT, default=1, help="how often each image appears per epoch (a multiplier of kohya's N_name folder repeats)")
     g.add_argument("--caption_prefix", default="", help='prepended to every caption, e.g. "sks style, "')
     g.add_argument("--caption_dropout", type=PROBABILITY, default=0.0, help="probability of training a sample on the empty caption")
     g.add_argument("--shuffle_tags", action="store_true", help="shuffle comma-separated tags each time a sample is drawn (captions are then encoded every step)")
     g.add_argument("--keep_tokens", type=NON_NEGATIVE_INT, default=0, help="with --shuffle_tags: the first N tags stay in place")
     g.add_argument("--max_bad_images", type=PROBABILITY, default=0.05, help="largest share of unreadable images to skip before refusing to train")
     g.add_argument("--allow_missing_captions", action="store_true", help="train even when more than half of the captions are missing or empty (they train as the empty caption)")
+    g.add_argument("--caption_extension", default=".txt", help="a folder's caption files: same stem, this extension (kohya's flag); .txt and .caption are read as well")
+    g.add_argument("--caption_from", default=None, choices=["folder", "filename"], help="caption a folder's images by name instead of caption files: "
+                   "the folder's (kohya: 10_sks dog/ gives 'sks dog') or the file's stem (underscores as spaces)")
+    g.add_argument("--no_folder_repeats", action="store_true", help="read N_name subfolders as plain folders (by default kohya's N_name folder trains each of its images N times per epoch, times --repeats)")
     cache = g.add_mutually_exclusive_group()
     cache.add_argument("--cache_embeddings", dest="cache_embeddings", action="store_true", default=True, help="encode images and captions once and train from the cache (default; see wuerstchen_lora/cache.py for random crops)")
     cache.add_argument("--no_cache_embeddings", dest="cache_embeddings", action="store_false", help="run EfficientNet and CLIP on every step (pixel-exact random crops)")
@@ -258,11 +262,73 @@ def add_output_flags(p):
     g.add_argument("--logging_steps", type=POSITIVE_INT, default=10, help="read losses back from the GPU every N steps (every step is still logged); the only wait for the GPU between checkpoints")
 
 
-def parse_args(argv=None):
-    """The command line as a frozen TrainConfig (config.py), checked and resolved."""
-    p = ArgumentParser(description="Train a LoRA adapter on the Wuerstchen v2 prior (Stage C) and write pytorch_lora_weights.safetensors.", allow_abbrev=False)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every default that says something: "(default: 768)" after the help text,
+    unless the text names its default already; switches (off by default) and open defaults (None:
+    detected or resolved, as the text says) go without."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text.lower() or default is None or isinstance(default, bool) or default == "" or default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+# Help texts for the flags defined without one (kept here so that the flag definitions stay as they are).
+MORE_HELP = {
+    "lora_dropout": "dropout on the LoRA branch's input while training",
+    "dataloader_num_workers": "worker processes that decode images (the uncached path and cache building); 0 = in the main process",
+    "gradient_accumulation_steps": "micro-batches per optimiser step",
+    "num_train_epochs": "passes over the data (with kohya's repeat folders and --repeats, an epoch holds every repeat); --max_train_steps overrides it",
+    "learning_rate": "AdamW's learning rate (1 with --optimizer prodigy)",
+    "adam_weight_decay": "AdamW's decoupled weight decay",
+    "adam_beta1": "AdamW's first-moment decay",
+    "adam_beta2": "AdamW's second-moment decay",
+    "adam_epsilon": "AdamW's epsilon",
+    "lr_scheduler": "the learning-rate schedule over the run (diffusers' get_scheduler)",
+    "lr_warmup_steps": "steps of linear warm-up (not with constant: use constant_with_warmup)",
+    "ema_decay": "the EMA's decay (with --use_ema; ramps up to it)",
+    "output_dir": "where the LoRA, model card, checkpoints and logs go",
+}
+USAGE = "%(prog)s --dataset DATA --output_dir DIR [options]   (or --instance_data_dir DIR --instance_prompt TEXT; -h lists every option)"
+
+
+def make_parser():
+    """The training flags, with help (a line and its default for every option)."""
+    p = ArgumentParser(description="Train a LoRA adapter on the Wuerstchen v2 prior (Stage C) and write pytorch_lora_weights.safetensors.", allow_abbrev=False,
+                       formatter_class=HelpFormatter, usage=USAGE)
     for add_flags in (add_model_flags, add_data_flags, add_optimisation_flags, add_output_flags):
         add_flags(p)
+    short_metavars(p)
+    return p
+
+
+PATH_WORDS = ("dir", "path", "dataset", "checkpoint", "output", "model", "encoder", "file")
+
+
+def short_metavars(p):
+    """Help texts from MORE_HELP where a flag has none, and short value names (N, X, PATH, TEXT)
+    instead of argparse's upper-cased flag names: --help lines stay short."""
+    for action in p._actions:
+        if not action.help and action.dest in MORE_HELP:
+            action.help = MORE_HELP[action.dest]
+        if action.metavar is not None or action.choices is not None or action.nargs == 0:
+            continue
+        kind = getattr(action.type, "__name__", None)
+        if kind == "int":
+            action.metavar = "N"
+        elif kind == "float":
+            action.metavar = "X"
+        elif any(word in action.dest for word in PATH_WORDS):
+            action.metavar = "PATH"
+        else:
+            action.metavar = "TEXT"
+
+
+def parse_args(argv=None):
+    """The command line as a frozen TrainConfig (config.py), checked and resolved."""
+    p = make_parser()
     if argv is None:
         argv = sys.argv[1:]
         hide_hub_token()
@@ -436,6 +502,10 @@ def check_tracker(report_to):
 
 
 def check_data_flags(v):
+    ext = v["caption_extension"].strip()
+    if not ext.lstrip(".") or "/" in ext or os.sep in ext:
+        raise UserError(f"--caption_extension {v['caption_extension']!r} is not a file extension; give one like .txt or .caption")
+    v["caption_extension"] = ext if ext.startswith(".") else "." + ext
     if v["keep_tokens"] and not v["shuffle_tags"]:
         raise UserError("--keep_tokens N only means something with --shuffle_tags")
     if v["resolution"] % 32:
@@ -496,7 +566,7 @@ def check_output_flags(v):
                                 "checkpoints, the cache) would be read as data by the next run; put it outside the dataset folder")
     if v["overwrite_output_dir"] and v["resume_from_checkpoint"]:
         raise UserError("--overwrite_output_dir starts a new run (it deletes the earlier one's files); it does not go with --resume_from_checkpoint: give one")
-    resume_path(v["output_dir"], v["resume_from_checkpoint"], v["discard_newer_checkpoints"])  # refused before anything is written
+    resume_path(v["output_dir"], v["resume_from_checkpoint"], v["discard_newer_checkpoints"], tell=note)  # refused before anything is written
 
 
 def resolve_optimiser_flags(v):

@@ -48,6 +48,7 @@ MUST_MATCH = (
     ("seed", "--seed"), ("repeats", "--repeats"), ("optimizer", "--optimizer"), ("use_ema", "--use_ema"),
     ("distributed_type", "the distributed set-up"), ("with_prior_preservation", "--with_prior_preservation"),
     ("lr_scheduler", "--lr_scheduler"),  # the schedule's kind: another one makes the learning rate jump mid-run
+    ("no_folder_repeats", "--no_folder_repeats"),  # kohya's repeat folders: what an epoch is
 )
 # Arguments never reported as changed on resume.
 NOT_REPORTED = {"resume_from_checkpoint", "discard_newer_checkpoints", "training_data"}
@@ -250,7 +251,7 @@ def _json_value(value):
 # sample and a step are, the optimiser state's kind, and the length of a decaying schedule.
 RESUME_FIELDS = ("rank", "lora_alpha", "lora_target_modules", "use_dora", "use_rslora", "resolution", "aspect_ratio_buckets",
                  "train_batch_size", "gradient_accumulation_steps", "seed", "repeats", "optimizer", "use_ema",
-                 "max_train_steps", "num_train_epochs", "lr_scheduler", "mixed_precision", "with_prior_preservation")
+                 "max_train_steps", "num_train_epochs", "lr_scheduler", "mixed_precision", "with_prior_preservation", "no_folder_repeats")
 
 
 def run_settings(cfg, accelerator):
@@ -470,10 +471,13 @@ def _setting_errors(old, new):
     return changed
 
 
-def resume_path(output_dir, resume_from_checkpoint, discard_newer_checkpoints=False):
+def resume_path(output_dir, resume_from_checkpoint, discard_newer_checkpoints=False, tell=None):
     """The checkpoint folder --resume_from_checkpoint names ('latest': the newest complete one in
-    --output_dir), or None without the flag; a missing or incomplete one is a UserError. Called by
-    the flag checks (before anything is written) and by plan_resume."""
+    --output_dir), or None without the flag; a missing or incomplete one is a UserError. 'latest'
+    with no checkpoint-N at all starts a new run (the diffusers example's and kohya's habit: a job
+    script may always pass it), said in a `note:` line through `tell`; the new run is then checked
+    like any other (fresh_output_dir). Called by the flag checks (before anything is written, with
+    `tell`) and by plan_resume."""
     if not resume_from_checkpoint:
         if discard_newer_checkpoints:
             raise UserError("--discard_newer_checkpoints only goes with --resume_from_checkpoint (it deletes the checkpoints newer than the one resumed)")
@@ -481,7 +485,16 @@ def resume_path(output_dir, resume_from_checkpoint, discard_newer_checkpoints=Fa
     if resume_from_checkpoint == "latest":
         found = own_checkpoints(output_dir, damaged=True)  # another tool's checkpoint-N is never "latest"
         if not found:
-            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N of this trainer in {output_dir}; start without the flag")
+            others = sorted((n for n in os.listdir(output_dir) if CHECKPOINT_RE.match(n)), key=lambda n: int(CHECKPOINT_RE.match(n).group(1))) if os.path.isdir(output_dir) else []
+            if others:
+                raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N of this trainer in {output_dir} "
+                                f"({', '.join(others[:4])}: incomplete, or another tool's); start without the flag, or choose another --output_dir")
+            if discard_newer_checkpoints:
+                raise UserError("--discard_newer_checkpoints only goes with a checkpoint to resume; "
+                                f"--resume_from_checkpoint latest found none in {output_dir}")
+            if tell is not None:
+                tell(f"note: --resume_from_checkpoint latest: no checkpoint in {output_dir} yet, so this is a new run from step 0")
+            return None
         return found[-1][1]
     path = resume_from_checkpoint
     if not os.path.isdir(path):

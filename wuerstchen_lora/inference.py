@@ -11,12 +11,14 @@ from wuerstchen_lora.flags import (
     POSITIVE_INT,
     SEED_LIMIT,
     ArgumentParser,
+    HelpFormatter,
     attach_negative_numbers,
     gpu_memory,
     machine_memory,
     number,
     refuse_size,
     seed_number,
+    short_metavars,
     size_text,
 )
 from wuerstchen_lora.hub import resolve_lora_spec
@@ -50,8 +52,18 @@ def note(message):
     print(message, file=sys.stderr)
 
 
+# Help texts for the flags defined without one.
+INFER_HELP = {
+    "negative_prompt": "what the prior steers away from (with --prior_guidance_scale above 1)",
+    "prior_guidance_scale": "classifier-free guidance of the prior (the LoRA's model); 1 = none",
+    "decoder_steps": "denoising steps of the decoder (stage B)",
+    "decoder_guidance_scale": "classifier-free guidance of the decoder; 0 = none",
+}
+
+
 def parse_args(argv=None):
-    p = ArgumentParser(description="Generate images with a trained Wuerstchen prior LoRA: prior + LoRA -> decoder -> image files.", allow_abbrev=False)
+    p = ArgumentParser(description="Generate images with a trained Wuerstchen prior LoRA: prior + LoRA -> decoder -> image files.", allow_abbrev=False,
+                       formatter_class=HelpFormatter, usage="%(prog)s --checkpoint LORA --prompt TEXT [options]   (-h lists every option)")
     p.add_argument("--checkpoint", required=True, help="training output folder, a checkpoint-N folder, the .safetensors file, or a hub repo id (user/repo) holding " + LORA_WEIGHTS_NAME + " (a local path that exists wins)")
     p.add_argument("--revision", default=None, help="with a hub repo --checkpoint: the branch, tag or commit (default: main)")
     prompt = p.add_mutually_exclusive_group()
@@ -73,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--output", default="demo.png", help="image path: .png, .jpg/.jpeg or .webp (no extension: .png); several images get -0, -1, ... before the suffix")
     p.add_argument("--save_merged_prior", default=None, metavar="DIR", help="instead of generating: write the prior with the LoRA (times --lora_scale) merged in, loadable with WuerstchenPrior.from_pretrained")
+    for action in p._actions:
+        action.help = action.help or INFER_HELP.get(action.dest)
+    short_metavars(p)
     args = p.parse_args(attach_negative_numbers(p, argv))
     if args.save_merged_prior:
         args.dtype = args.dtype or "fp32"  # merge at full precision unless told otherwise

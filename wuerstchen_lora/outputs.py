@@ -514,11 +514,21 @@ def write_outputs(run, cfg, info):
         shadow = dict(zip(run.param_names, run.ema.shadow_params))
         save_lora_file(output_dir, get_peft_model_state_dict(run.unwrapped, state_dict=shadow), lora_config_dict(run.lora_config), EMA_WEIGHTS_NAME)
     atomic_write_json(os.path.join(output_dir, TRAINING_INFO_NAME), info)
-    atomic_write_json(os.path.join(output_dir, "args.json"), cfg.to_dict())
+    atomic_write_json(os.path.join(output_dir, "args.json"), args_record(cfg, info))
     markdown, widget = card_images(output_dir, info, cfg.validation.validation_prompts)
     atomic_write_bytes(os.path.join(output_dir, "README.md"), model_card(cfg, info, markdown, widget).encode())
     # A plain print: only the process that really wrote the files says so.
     print(f"process {accelerator.process_index} wrote {path}", flush=True)
+
+
+def args_record(cfg, info):
+    """args.json: the whole configuration, and under "data_used" what the data's detection chose
+    (the caption source, the image and caption columns), which the flags leave open."""
+    record = cfg.to_dict()
+    used = ((info or {}).get("data") or {}).get("data_used")
+    if used:
+        record["data_used"] = used
+    return record
 
 
 def card_images(output_dir, info, prompts):

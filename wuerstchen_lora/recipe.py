@@ -39,6 +39,7 @@ from wuerstchen_lora.outputs import (
     register_lora_checkpoint_hooks,
     resume_checkpoint,
     save_checkpoint,
+    args_record,
     training_info,
     write_outputs,
 )
@@ -247,6 +248,7 @@ class LoadedData:
     row_buckets: Optional[list]  # each row's (width, height) bucket, or None without buckets
     report: dict  # broken images, captions, buckets: training_info.json's "data"
     tokenizer: Any  # loaded for the caption checks; the models reuse it
+    row_repeats: Optional[list] = None  # each row's repeats from kohya's N_name folders, or None
 
 
 def load_data(cfg, accelerator):
@@ -255,7 +257,7 @@ def load_data(cfg, accelerator):
     too many of them, or none left, stop the run here."""
     from transformers import CLIPTokenizer
 
-    from wuerstchen_lora.data import caption_stats, check_captions
+    from wuerstchen_lora.data import caption_stats, check_captions, folder_shares, row_repeats
     from wuerstchen_lora.models import model_load_errors
 
     data, model = cfg.data, cfg.model
@@ -266,10 +268,15 @@ def load_data(cfg, accelerator):
         dataset = dataset.shuffle(seed=cfg.seed).select(range(min(data.max_train_samples, len(dataset))))
     if loaded.get("unlisted_images") and accelerator.is_main_process:
         warn(f"{loaded['unlisted_images']} images in {data.dataset} are not listed in its metadata file and are left out")
+    if loaded.get("ignored_caption_files") and accelerator.is_main_process:
+        warn(f"{data.dataset} holds {loaded['caption_source']} and {loaded['ignored_caption_files']} same-stem caption files: the captions come from "
+             f"{loaded['caption_source']} (column {caption_column!r}), the caption files are not read; remove {loaded['caption_source']} to use them")
+    accelerator.print(f"captions: {describe_caption_source(cfg, loaded, caption_column)}")
     if loaded.get("numeric_captions"):
         accelerator.print(f"note: the captions in column {caption_column!r} are numbers ({loaded['numeric_caption_dtype']}); "
                           f"{loaded['numeric_captions']} were converted to text, e.g. {loaded['numeric_caption_example']!r}")
-    missing_captions = check_captions(dataset, caption_column, data.dataset, data.allow_missing_captions)
+    missing_captions = check_captions(dataset, caption_column, data.dataset, data.allow_missing_captions, loaded.get("missing_caption_example"),
+                                      caption_files=loaded.get("caption_source") == "caption files")
     if missing_captions and accelerator.is_main_process:
         print(missing_captions, file=sys.stderr)
     with accelerator.main_process_first():
@@ -292,7 +299,32 @@ def load_data(cfg, accelerator):
     # Counted over the whole dataset, before --max_train_samples and the image checks.
     report["numeric_captions"], report["unlisted_images"] = loaded.get("numeric_captions", 0), loaded.get("unlisted_images", 0)
     report["non_utf8_caption_files"] = loaded.get("non_utf8_caption_files", 0)  # the training set's, not the held-out set's
-    return LoadedData(dataset, image_column, caption_column, held_out, row_buckets, report, tokenizer)
+    # What the detection chose (args.json records the flags as given: a detected column is null there).
+    report["data_used"] = {"caption_source": loaded.get("caption_source") or ("--instance_prompt" if cfg.subject.instance_data_dir else "dataset column"),
+                           "image_column_used": image_column, "caption_column_used": caption_column}
+    repeats = row_repeats(dataset, loaded)
+    if repeats is not None:
+        report["folder_repeats"] = loaded["folder_repeats"]
+        accelerator.print(folder_shares(dataset, loaded, data.repeats))
+    return LoadedData(dataset, image_column, caption_column, held_out, row_buckets, report, tokenizer, repeats)
+
+
+def describe_caption_source(cfg, loaded, caption_column):
+    """Where the captions come from, for the start-up lines: the file kind, caption files and their
+    extensions, or the column."""
+    if cfg.subject.instance_data_dir:
+        return f"--instance_prompt {cfg.subject.instance_prompt!r} for every image"
+    source = loaded.get("caption_source")
+    if cfg.data.caption_from:
+        return f"the image's {cfg.data.caption_from} name (--caption_from {cfg.data.caption_from})"
+    if source == "caption files":
+        used = loaded.get("caption_files") or {}
+        files = ", ".join(f"{n} {ext}" for ext, n in sorted(used.items())) or "none"
+        missing = loaded.get("missing_caption_files", 0)
+        return f"same-stem caption files ({files}" + (f"; {missing} images without one" if missing else "") + ")"
+    if source:
+        return f"{source}, column {caption_column!r}"
+    return f"column {caption_column!r}" + ("" if cfg.data.caption_column else " (detected; --caption_column names another)")
 
 
 def check_caption_prefix(prefix, tokenizer):
@@ -316,7 +348,9 @@ def load_source(cfg, stats):
         from wuerstchen_lora.subject import instance_dataset
 
         return instance_dataset(cfg.subject.instance_data_dir, cfg.subject.instance_prompt)
-    return load_training_dataset(data.dataset, data.image_column, data.caption_column, cache_dir=data.cache_dir, stats=stats, config_name=data.dataset_config_name)
+    return load_training_dataset(data.dataset, data.image_column, data.caption_column, cache_dir=data.cache_dir, stats=stats, config_name=data.dataset_config_name,
+                                 caption_extension=data.caption_extension, allow_missing_captions=data.allow_missing_captions,
+                                 folder_repeats=not data.no_folder_repeats, caption_from=data.caption_from)
 
 
 def data_name(cfg):
@@ -418,7 +452,8 @@ def cached_examples(cfg, loaded, accelerator, encode_image, encode_text, dtype):
     build_cache(folder, loaded.dataset, columns, data, cfg.cache, encode_image, encode_text,
                 accelerator=accelerator, captions=caption_options(data), row_buckets=loaded.row_buckets)
     raw = loaded.dataset[loaded.caption_column] if data.shuffle_tags else None
-    return CachedExamples(folder, data.resolution, data.random_flip, cfg.seed, caption_options(data), raw, data.repeats, data.noise_offset)
+    return CachedExamples(folder, data.resolution, data.random_flip, cfg.seed, caption_options(data), raw, data.repeats, data.noise_offset,
+                          per_row=loaded.row_repeats)
 
 
 def uncached_examples(cfg, loaded, latent_channels):
@@ -427,10 +462,10 @@ def uncached_examples(cfg, loaded, latent_channels):
     data = cfg.data
     transform = ImageTransform(data.resolution, data.center_crop, data.random_flip)
     return CaptionedImages(loaded.dataset, loaded.image_column, loaded.caption_column, transform, cfg.seed, caption_options(data), data.repeats,
-                           loaded.row_buckets, latent_channels=latent_channels, noise_offset=data.noise_offset)
+                           loaded.row_buckets, latent_channels=latent_channels, noise_offset=data.noise_offset, per_row=loaded.row_repeats)
 
 
-def make_dataloader(cfg, examples, row_buckets=None, pin_memory=False):
+def make_dataloader(cfg, examples, row_buckets=None, pin_memory=False, row_repeats=None):
     """Shuffled batches; with aspect-ratio buckets, each batch from one bucket (returns the sampler too).
 
     pin_memory (on a GPU): batches land in page-locked memory, so that their copy to the device
@@ -441,7 +476,7 @@ def make_dataloader(cfg, examples, row_buckets=None, pin_memory=False):
     loader = dict(num_workers=cfg.data.dataloader_num_workers, pin_memory=pin_memory)
     if row_buckets is None:
         return torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True, **loader), None
-    sampler = BucketBatchSampler(row_buckets, batch_size, cfg.seed, cfg.data.repeats)
+    sampler = BucketBatchSampler(row_buckets, batch_size, cfg.seed, cfg.data.repeats, row_repeats)
     return torch.utils.data.DataLoader(examples, batch_sampler=sampler, **loader), sampler
 
 
@@ -680,7 +715,7 @@ def setup_loop(run, prior, examples, trainable, total):
     cfg, optim, accelerator = run.cfg, run.cfg.optim, run.accelerator
     optimizer = make_optimizer(optim, run.params, accelerator.device)
     run.examples = examples
-    dataloader, run.bucket_sampler = make_dataloader(cfg, examples, run.data.row_buckets, pin_memory=accelerator.device.type == "cuda")
+    dataloader, run.bucket_sampler = make_dataloader(cfg, examples, run.data.row_buckets, pin_memory=accelerator.device.type == "cuda", row_repeats=run.data.row_repeats)
     run.prior, run.optimizer, run.dataloader = accelerator.prepare(prior, optimizer, dataloader)
     run.steps_per_epoch = math.ceil(len(run.dataloader) / optim.gradient_accumulation_steps)
     run.max_steps = optim.max_train_steps or optim.num_train_epochs * run.steps_per_epoch
@@ -819,6 +854,8 @@ def after_update(run, loss, finite, global_step):
     stop = run.accelerator.check_trigger() if run.accelerator.num_processes > 1 else bool(run.stop_signals)
     if stop or checkpoint:
         path = save_checkpoint(run.accelerator, run.cfg, run.training_data, global_step, run.run_id)
+        if run.accelerator.is_main_process:
+            run.progress.write(f"step {global_step}: saved checkpoint {path}")
         if stop:
             raise Interrupted(run.stop_signals[0] if run.stop_signals else 15, path)
     if validation:
@@ -846,7 +883,7 @@ def read_losses(run):
             )
         logs = {"train/lr": lr, "train/skipped_steps": run.nonfinite_total}
         if finite:
-            logs["train/loss"] = loss
+            logs["train/loss"] = logs["train_loss"] = loss  # train_loss: the diffusers example's tag, for dashboards built on it
             if len(row) == 4:  # prior preservation: total, instance, class, finite
                 logs["train/instance_loss"], logs["train/class_loss"] = row[1], row[2]
         run.accelerator.log(logs, step=step)
@@ -877,7 +914,9 @@ def validate(run, global_step):
         run.accelerator.log({"val/loss": loss}, step=global_step)
         run.progress.write(f"step {global_step}: validation loss {loss:.4f}")
     if run.validate:
-        run.validate(run.unwrapped, global_step)
+        paths = run.validate(run.unwrapped, global_step)
+        if paths:
+            run.progress.write(f"step {global_step}: {len(paths)} validation image{'s' * (len(paths) != 1)} in {os.path.dirname(paths[0])}")
 
 
 def train(cfg):
@@ -896,7 +935,8 @@ def train(cfg):
     # True also for a dataset smaller than one batch or one accumulation window (windows end with the epoch).
     effective_batch = describe_effective_batch(len(run.dataloader.dataset), optim.train_batch_size, accelerator.num_processes, optim.gradient_accumulation_steps,
                                                len(run.dataloader), padded=accelerator.num_processes > 1 or run.bucket_sampler is not None)
-    accelerator.print(f"{len(run.dataloader.dataset)} samples, {run.max_steps} steps, {effective_batch}, {optim.mixed_precision} on {accelerator.device}")
+    precision = "fp32" if optim.mixed_precision == "no" else optim.mixed_precision
+    accelerator.print(f"{len(run.dataloader.dataset)} samples, {run.max_steps} steps, {effective_batch}, {precision} on {accelerator.device}")
     if not optim.max_train_steps and optim.lr_scheduler != "constant" and optim.lr_warmup_steps >= run.max_steps and accelerator.is_main_process:
         warn(f"--lr_warmup_steps {optim.lr_warmup_steps} is not shorter than the run ({run.max_steps} steps): "
              f"the learning rate never reaches --learning_rate {optim.learning_rate:g}")
@@ -908,7 +948,7 @@ def train(cfg):
         # Written once signals are handled: from the moment args.json exists, a SIGTERM ends in a
         # checkpoint (at the first update if none has run yet), never in the default exit.
         if accelerator.is_main_process:
-            atomic_write_json(os.path.join(cfg.output.output_dir, "args.json"), cfg.to_dict())
+            atomic_write_json(os.path.join(cfg.output.output_dir, "args.json"), args_record(cfg, run.info))
         global_step = run_epochs(run, global_step)
     finish(run, global_step)
     return global_step
@@ -959,20 +999,39 @@ def finish(run, global_step):
         validate(run, global_step)
     write_outputs(run, cfg, run.info)
     print_summary(accelerator, run.info["data"])
+    if accelerator.is_main_process:
+        print_written(cfg, run.validate is not None)
     accelerator.end_training()
     if cfg.hub.push_to_hub and accelerator.is_main_process:
         push_to_hub(cfg.hub, cfg.output.output_dir)
 
 
 def print_summary(accelerator, report):
-    lines = [f"skipped {report['bad_images']} unreadable images" + (f" (e.g. {report['bad_examples'][0]})" if report["bad_examples"] else "")]
+    """One `data summary:` line of what was skipped, converted or truncated; nothing when all is zero."""
+    lines = [f"skipped {report['bad_images']} unreadable images" + (f" (e.g. {report['bad_examples'][0]})" if report["bad_examples"] else "")] if report.get("bad_images") else []
     for key, text in (("empty_captions", "empty captions (trained as unconditional)"), ("long_captions", "captions longer than 77 tokens (truncated)"),
-                      ("non_utf8_caption_files", "caption files not in UTF-8 (read as Latin-1)"), ("skipped_nonfinite_steps", "steps skipped for a non-finite loss")):
-        lines.append(f"{report.get(key, 0)} {text}")
-    for key, text in (("numeric_captions", "numeric captions (converted to text)"), ("unlisted_images", "images not listed in the metadata (left out)")):
+                      ("non_utf8_caption_files", "caption files not in UTF-8 (read as Latin-1)"), ("skipped_nonfinite_steps", "steps skipped for a non-finite loss"),
+                      ("numeric_captions", "numeric captions (converted to text)"), ("unlisted_images", "images not listed in the metadata (left out)")):
         if report.get(key):
             lines.append(f"{report[key]} {text}")
-    accelerator.print("data summary: " + "; ".join(lines))
+    if lines:
+        accelerator.print("data summary: " + "; ".join(lines))
+
+
+def print_written(cfg, validated):
+    """The last line of a run: what it wrote, where (the files that exist: the card's pictures need matplotlib)."""
+    from wuerstchen_lora.models import LORA_WEIGHTS_NAME
+    from wuerstchen_lora.outputs import EMA_WEIGHTS_NAME, PEFT_ADAPTER_DIR
+
+    out = cfg.output.output_dir
+    names = [(LORA_WEIGHTS_NAME, "the LoRA"), (EMA_WEIGHTS_NAME, "its EMA"), (PEFT_ADAPTER_DIR, "the PEFT adapter"), ("README.md", "the model card"),
+             ("validation_grid.png", "the validation grid"), ("loss_curve.png", "the loss curve"), ("training_info.json", None), ("args.json", None)]
+    parts = [f"{text} {name}" if text else name for name, text in names if os.path.exists(os.path.join(out, name))]
+    if validated and os.path.isdir(os.path.join(out, "validation")):
+        parts.append("validation/ (every validation's images)")
+    if cfg.output.report_to != "none" and os.path.isdir(os.path.join(out, cfg.output.logging_dir)):
+        parts.append(f"{cfg.output.logging_dir}/ (the {cfg.output.report_to} logs)")
+    print(f"wrote to {out}: " + ", ".join(parts), flush=True)
 
 
 def main(argv=None):
