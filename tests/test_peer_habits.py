@@ -249,3 +249,27 @@ def test_help_gives_every_option_a_line_and_its_default(which, capsys):
     else:
         for shown in ("--decoder_steps N", "(default: 12)", "(default: 4.0)", "--negative_prompt TEXT"):
             assert shown in page, shown
+
+
+def test_logs_tell_validation_checkpoint_and_what_was_written(tiny, tmp_path):
+    """One line per validation and checkpoint, the files at the end, and the diffusers example's
+    `train_loss` tag beside `train/loss`; kohya folders with buckets keep their repeats."""
+    root = kohya_folder(tmp_path / "train", with_plain=False)
+    out = tmp_path / "out"
+    proc = run_script(train_args(tiny, out, root, steps=2, extra=["--validation_prompts", "a red circle", "--validation_steps", "2",
+                                                                  "--checkpointing_steps", "1", "--report_to", "tensorboard", "--aspect_ratio_buckets"]),
+                      launcher="inprocess")
+    assert "26 samples, 2 steps" in proc.stdout
+    assert "step 1: saved checkpoint" in proc.stdout and "step 2: saved checkpoint" in proc.stdout
+    assert f"step 2: 1 validation image in {out / 'validation'}" in proc.stdout
+    written = next(line for line in proc.stdout.splitlines() if line.startswith("wrote to "))
+    assert "the validation grid validation_grid.png" in written and "logs/ (the tensorboard logs)" in written and "validation/" in written
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [os.path.join(d, f) for d, _, files in os.walk(out / "logs") for f in files if "tfevents" in f]
+    tags = set()
+    for path in events:
+        accumulator = EventAccumulator(path)
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train_loss"} <= tags, tags
