@@ -180,7 +180,7 @@ def folder_shares(dataset, stats, repeats=1):
         times = f"{r} x --repeats {repeats}" if repeats != 1 else f"{r}"
         n = counts[name]
         parts.append(f"{name or '(the dataset folder itself)'} {n} image{'s' * (n != 1)} x {times} = {samples} ({100 * samples / total:.0f}%)")
-    return f"data: kohya repeat folders, {total} samples per epoch: " + "; ".join(parts)
+    return f"data: kohya repeat folders, {total} samples per epoch: " + "; ".join(parts) + " (--no_folder_repeats if the names are no repeat counts)"
 
 
 def _image_paths(dataset, column):

@@ -506,6 +506,8 @@ def check_data_flags(v):
     if not ext.lstrip(".") or "/" in ext or os.sep in ext:
         raise UserError(f"--caption_extension {v['caption_extension']!r} is not a file extension; give one like .txt or .caption")
     v["caption_extension"] = ext if ext.startswith(".") else "." + ext
+    if v["caption_from"] and v["instance_data_dir"]:
+        raise UserError("--caption_from names the captions of a --dataset folder; --instance_data_dir images all take --instance_prompt")
     if v["keep_tokens"] and not v["shuffle_tags"]:
         raise UserError("--keep_tokens N only means something with --shuffle_tags")
     if v["resolution"] % 32:
