@@ -20,17 +20,21 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 test: setup
 	$(PY) -m pytest -q tests
 
+# The demo teaches a small pretrained prior a new word ("a zorb", a magenta star; bench/world.py) and
+# prints how often the prior generates it before and after: about 0.0 before, most of the time after.
 demo: setup
-	$(PY) tools/make_tiny_models.py $(DEMO)/models
+	$(PY) -m bench.world build $(DEMO)/world --quick
+	$(PY) -m bench.world score $(DEMO)/world
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		train_wuerstchen_prior_lora.py \
-		--pretrained_prior_model_name_or_path $(DEMO)/models/prior_repo \
-		--pretrained_decoder_model_name_or_path $(DEMO)/models/decoder_repo \
-		--image_encoder $(DEMO)/models/effnet.safetensors \
-		--dataset $(DEMO)/models/data --resolution 128 --train_batch_size 4 --random_flip \
-		--max_train_steps 40 --learning_rate 1e-3 --checkpointing_steps 20 \
-		--validation_prompts "a red circle" --validation_steps 20 --output_dir $(DEMO)/lora --overwrite_output_dir
-	$(PY) infer.py --checkpoint $(DEMO)/lora --prompt "a red circle" --height 256 --width 256 --output $(DEMO)/demo.png
+		--pretrained_prior_model_name_or_path $(DEMO)/world/prior_repo \
+		--pretrained_decoder_model_name_or_path $(DEMO)/world/decoder_repo \
+		--image_encoder $(DEMO)/world/effnet.safetensors \
+		--dataset $(DEMO)/world/concept_data --resolution 96 --train_batch_size 8 --rank 4 \
+		--max_train_steps 150 --learning_rate 1e-3 --checkpointing_steps 75 \
+		--validation_prompts "a zorb" --validation_steps 75 --output_dir $(DEMO)/lora --overwrite_output_dir
+	$(PY) -m bench.world score $(DEMO)/world --lora $(DEMO)/lora
+	$(PY) infer.py --checkpoint $(DEMO)/lora --prompt "a zorb" --height 128 --width 128 --output $(DEMO)/demo.png
 
 clean:
 	rm -rf $(DEMO)
