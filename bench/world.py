@@ -311,6 +311,19 @@ def evaluate(pipe, classifier, n=32, seed=0, old=True, per_prompt=False):
 QUICK = dict(pretrain_steps=400, per_class=16, centroid_images=16, batch=64, lr=3e-3)  # the test's and the demo's world
 
 
+@torch.no_grad()
+def denoising_loss(pipe, prompt, image_encoder, n=64, draws=4, seed=4242):
+    """The references' epsilon MSE of the pipeline's prior (LoRA and all) on `n` fresh pictures of the
+    concept, `draws` noise and timestep draws each, written out here like `pretrain` (not the trainer's
+    code). A LoRA trained with another timestep or embedding convention does not lower it."""
+    x0 = ((effnet_features(image_encoder, class_images(CONCEPT_LOOK, n, seed)) + 1.0) / 42.0).repeat(draws, 1, 1, 1)
+    g = torch.Generator().manual_seed(seed)
+    t, noise = torch.rand(x0.shape[0], generator=g), torch.randn(x0.shape, generator=g)
+    text = text_states(pipe.text_encoder, pipe.tokenizer, [prompt] * x0.shape[0])
+    pipe.prior.eval()
+    return float(F.mse_loss(pipe.prior(pipe.scheduler.add_noise(x0, noise, t), t, text), noise))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Build the synthetic world, or score a prior (with a LoRA) in it.")
     sub = p.add_subparsers(dest="command", required=True)
