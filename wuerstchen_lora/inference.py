@@ -305,6 +305,7 @@ def save_merged_prior(args, lora_path):
     check_merged_prior_target(args.save_merged_prior, args.prior_model or (read_training_info(lora_path) or {}).get("base_model") or DEFAULT_PRIOR)
     args.fuse_lora = True
     prior_pipeline = load_prior_pipeline(args, lora_path)
+    check_merged_weights(prior_pipeline.prior, args, lora_path)
     write_merged_prior(prior_pipeline.prior, args.save_merged_prior)
     print(args.save_merged_prior)
     return [args.save_merged_prior]
@@ -321,6 +322,28 @@ def note_long_prompts(tokenizer, prompts, negative_prompt=None):
         print(f"note: {shown} {'is' if len(long) == 1 else 'are'} longer than CLIP's {limit} tokens: "
               f"truncated to the first {limit}", file=sys.stderr)
     return len(long)
+
+
+def finite_embeddings_check(args, lora_path):
+    """A check_embeddings for generate_images: the prior's image embeddings must be finite, else the
+    decoder makes a black or noise image that would be written with status 0 (a LoRA whose values
+    overflow, such as one scaled by 1e30, or too strong a --lora_scale). Refused before any image
+    is decoded or written."""
+    def check(prompt, embeddings):
+        if not torch.isfinite(embeddings).all():
+            bad = int((~torch.isfinite(embeddings)).sum())
+            raise UserError(f"the prior's image embeddings for {prompt[:60]!r} hold {bad:,} NaN or inf values of {embeddings.numel():,} with the LoRA "
+                            f"{lora_path} at --lora_scale {args.lora_scale:g} ({args.dtype}): its values overflow; no image was written. "
+                            "Use a smaller --lora_scale, --dtype fp32 if it was fp16, or an earlier checkpoint-N of the run")
+    return check
+
+
+def check_merged_weights(prior, args, lora_path):
+    """The merged prior must be finite before it is written (a LoRA whose values overflow)."""
+    bad = sorted(n for n, p in prior.named_parameters() if not torch.isfinite(p).all())
+    if bad:
+        raise UserError(f"merging the LoRA {lora_path} at --lora_scale {args.lora_scale:g} gives {len(bad)} prior weights with NaN or inf values "
+                        f"(e.g. {bad[0]}): its values overflow; nothing was written. Use a smaller --lora_scale or an earlier checkpoint-N of the run")
 
 
 def run(args):
@@ -346,6 +369,7 @@ def run(args):
         decoder_steps=args.decoder_steps,
         decoder_guidance_scale=args.decoder_guidance_scale,
         generator=generator,
+        check_embeddings=finite_embeddings_check(args, lora_path),
     )
     paths = output_paths(args.output, len(images))
     for image, path in zip(images, paths):

@@ -220,11 +220,14 @@ def generate_images(
     prior_guidance_scale=4.0,
     decoder_steps=12,
     decoder_guidance_scale=0.0,
+    check_embeddings=None,
 ):
     """Prior (with whatever LoRA is attached) -> image embeddings -> decoder -> PIL images.
 
     The single generation path: validation during training and infer.py both call it. One prompt
     at a time: the decoder pipeline repeats its prompt for every embedding it is given.
+    `check_embeddings(prompt, embeddings)`, when given, sees each prompt's image embeddings before
+    they are decoded (infer.py refuses non-finite ones there).
     """
     images = []
     for prompt in prompts:
@@ -239,6 +242,8 @@ def generate_images(
             generator=generator,
             output_type="pt",
         ).image_embeddings
+        if check_embeddings is not None:
+            check_embeddings(prompt, embeddings)  # before the decoder turns them into images
         images += decoder_pipeline(
             image_embeddings=embeddings.to(device=decoder_pipeline.device, dtype=decoder_pipeline.dtype),
             prompt=prompt,
@@ -443,7 +448,23 @@ def check_lora_file(lora_path):
             f"the 'prior.' prefix (e.g. {sample}); train one with train_wuerstchen_prior_lora.py"
         )
     check_lora_structure(lora_path)
+    check_lora_values(lora_path)
     return prior_keys
+
+
+def check_lora_values(lora_path):
+    """Every LoRA tensor finite: a file from a run that diverged (NaN/inf) gives black or noise
+    images with status 0 otherwise. Reads the tensors one at a time (a LoRA file is small)."""
+    bad, total = [], 0
+    with safe_open(lora_path, framework="pt") as f:
+        for key in sorted(f.keys()):
+            total += 1
+            tensor = f.get_tensor(key)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad.append(key)
+    if bad:
+        raise UserError(f"{lora_path}: {len(bad)} of {total} LoRA tensors hold NaN or inf values (e.g. {bad[0]}); the run that wrote it diverged: "
+                        "use an earlier checkpoint-N of that run, or train again with a lower --learning_rate")
 
 
 # The prior's layers a LoRA can adapt (its Linear and Conv2d modules; blocks repeat ResBlock,
