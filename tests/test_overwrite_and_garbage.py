@@ -328,3 +328,30 @@ def test_merged_prior_never_overwrites_the_base_and_follows_the_umask(tiny, fini
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
     assert modes and all(m == 0o644 for m in modes.values()), modes
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: symlinked subfolders are followed like symlinked files
+
+def test_images_in_a_symlinked_subfolder_are_followed_like_symlinked_files(tmp_path):
+    from PIL import Image
+
+    from wuerstchen_lora.data import load_training_dataset
+
+    def image(path, caption):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), "red").save(path)
+        path.with_suffix(".txt").write_text(caption)
+
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    image(data / "own.png", "own")
+    image(elsewhere / "folder" / "linked.png", "in a linked folder")
+    image(elsewhere / "file.png", "a linked file")
+    os.symlink(elsewhere / "folder", data / "10_linked")  # a kohya repeat folder that is a link
+    os.symlink(elsewhere / "file.png", data / "file.png")
+    os.symlink(elsewhere / "file.txt", data / "file.txt")
+    os.symlink(data, data / "10_linked" / "loop")  # a link back up: not entered again
+    stats = {}
+    dataset, _, caption = load_training_dataset(str(data), stats=stats, folder_repeats=True)
+    assert sorted(dataset[caption]) == ["a linked file", "in a linked folder", "own"]
+    assert stats["folder_repeats"] == {"": 1, "10_linked": 10}

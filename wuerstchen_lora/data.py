@@ -33,9 +33,14 @@ CAPTION_COLUMN_NAMES = ("text", "caption", "captions", "prompt", "description", 
 
 
 def _list_images(folder):
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    """The image files under `folder`, subfolders included. Symlinked subfolders are followed like
+    symlinked files (os.walk alone lists a linked folder but never enters it, so its images were
+    left out without a count); a link back to a folder above it (a loop) is not entered again."""
+    found, chains = [], {}
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        chain = chains.get(os.path.dirname(root), frozenset()) | {os.path.realpath(root)}
+        chains[root] = chain
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in chain)
         found += [os.path.join(root, f) for f in sorted(files) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
     return found
 
