@@ -355,3 +355,41 @@ def test_images_in_a_symlinked_subfolder_are_followed_like_symlinked_files(tmp_p
     dataset, _, caption = load_training_dataset(str(data), stats=stats, folder_repeats=True)
     assert sorted(dataset[caption]) == ["a linked file", "in a linked folder", "own"]
     assert stats["folder_repeats"] == {"": 1, "10_linked": 10}
+
+
+# ---------------------------------------------------------------------------------------------
+# Unclear messages: an image over PIL's decompression-bomb limit, a dangling --output_dir link
+
+def png_header(width, height):
+    """A PNG that declares width x height and holds almost nothing: PIL refuses it by its header."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def test_an_image_over_the_bomb_limit_is_named_so_with_the_flag(tiny, tmp_path, no_models, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the flag set it
+    data = tmp_path / "data"
+    shutil.copytree(tiny["dataset"], data)
+    (data / "huge.png").write_bytes(png_header(20000, 20000))
+    with open(data / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "huge.png", "text": "a huge picture"}) + "\n")
+    out = tmp_path / "out"
+
+    def run(*extra):
+        return run_script(train_args(tiny, out, dataset=data, extra=["--max_bad_images", "0", *extra]), launcher="inprocess", check=False)
+
+    proc = run()
+    line = assert_clean_error(proc, "huge.png: too many pixels (20000x20000 = 400,000,000 pixels, more than PIL's decompression-bomb limit of 178,956,970)",
+                              "pass --max_image_pixels 400000000")
+    assert "not an image" not in proc.stdout + line and not out.exists()
+    # with the limit raised, the file is opened: this one is then found cut short, not a bomb
+    assert_clean_error(run("--max_image_pixels", "400000000"), "huge.png: truncated or corrupt")
+    assert not out.exists()

@@ -56,6 +56,7 @@ class DataConfig:
     caption_extension: str = ".txt"  # a folder's caption files (.txt and .caption are read as well)
     caption_from: Optional[str] = None  # "folder" or "filename": a folder's captions from names
     no_folder_repeats: bool = False  # kohya's N_name folders read as plain folders
+    max_image_pixels: Optional[int] = None  # PIL's decompression-bomb limit (None: PIL's own; 0: none)
 
 
 @dataclasses.dataclass(frozen=True)

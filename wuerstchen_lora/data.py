@@ -457,6 +457,36 @@ def _captions_as_text(dataset, column, stats=None):
 MIN_IMAGE_SIDE = 32  # one EfficientNet cell; anything smaller is upscaled into mush
 
 
+def set_max_image_pixels(limit):
+    """--max_image_pixels N: images of more than N pixels are refused as possible decompression
+    bombs (PIL refuses over twice Image.MAX_IMAGE_PIXELS and warns over once: with the flag given
+    the limit is N itself, without the warning). None keeps PIL's limit, 0 lifts it. Set in the main
+    process before any image is opened; dataloader workers fork from it and inherit it."""
+    import warnings
+
+    if limit is not None:
+        Image.MAX_IMAGE_PIXELS = limit / 2 if limit else None
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+def bomb_reason(data, path):
+    """Why PIL refused an image as a decompression bomb: its size, the limit and the flag that raises it."""
+    pixels = None
+    previous = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # the header only, to read the size
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
+            pixels, size = image.size[0] * image.size[1], f"{image.size[0]}x{image.size[1]}"
+    except Exception:  # the size is only a courtesy
+        pass
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+    limit = int(2 * previous)
+    shown = f"{size} = {pixels:,} pixels, " if pixels else ""
+    return (f"too many pixels ({shown}more than PIL's decompression-bomb limit of {limit:,}); if you trust the file, "
+            f"pass --max_image_pixels {pixels or 2 * limit} (0: no limit), or shrink it")
+
+
 def inspect_image(value):
     """(problem or None, (width, height) as displayed) for an undecoded image value ({"bytes", "path"} or a path)."""
     if isinstance(value, dict):
@@ -475,7 +505,9 @@ def inspect_image(value):
                 w, h = h, w
     except FileNotFoundError:
         return "file not found", None
-    except (Image.UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        return bomb_reason(data, path), None
+    except Image.UnidentifiedImageError:
         return "not an image", None
     except (OSError, ValueError, SyntaxError) as e:
         return f"truncated or corrupt ({str(e).splitlines()[0][:80]})", None

@@ -176,6 +176,8 @@ def add_data_flags(p):
     g.add_argument("--caption_dropout", type=PROBABILITY, default=0.0, help="probability of training a sample on the empty caption")
     g.add_argument("--shuffle_tags", action="store_true", help="shuffle comma-separated tags each time a sample is drawn (captions are then encoded every step)")
     g.add_argument("--keep_tokens", type=NON_NEGATIVE_INT, default=0, help="with --shuffle_tags: the first N tags stay in place")
+    g.add_argument("--max_image_pixels", type=NON_NEGATIVE_INT, default=None, help="images with more pixels are refused as possible decompression bombs "
+                   "(default: PIL's limit, 89478485 pixels x 2); raise it for large trusted images, 0 for no limit")
     g.add_argument("--max_bad_images", type=PROBABILITY, default=0.05, help="largest share of unreadable images to skip before refusing to train")
     g.add_argument("--allow_missing_captions", action="store_true", help="train even when more than half of the captions are missing or empty (they train as the empty caption)")
     g.add_argument("--caption_extension", default=".txt", help="a folder's caption files: same stem, this extension (kohya's flag); .txt and .caption are read as well")

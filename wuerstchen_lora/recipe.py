@@ -341,9 +341,10 @@ def check_caption_prefix(prefix, tokenizer):
 
 def load_source(cfg, stats):
     """(dataset, image column, caption column) from --dataset, or --instance_data_dir with its prompt."""
-    from wuerstchen_lora.data import load_training_dataset
+    from wuerstchen_lora.data import load_training_dataset, set_max_image_pixels
 
     data = cfg.data
+    set_max_image_pixels(data.max_image_pixels)  # before any image is opened
     if cfg.subject.instance_data_dir:
         from wuerstchen_lora.subject import instance_dataset
 
