@@ -393,3 +393,17 @@ def test_an_image_over_the_bomb_limit_is_named_so_with_the_flag(tiny, tmp_path, 
     # with the limit raised, the file is opened: this one is then found cut short, not a bomb
     assert_clean_error(run("--max_image_pixels", "400000000"), "huge.png: truncated or corrupt")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["the folder", "a folder above it"])
+def test_a_dangling_symlink_output_dir_is_named_so(tiny, tmp_path, no_models, where):
+    link = tmp_path / "link"
+    os.symlink(tmp_path / "gone", link)
+    out = link if where == "the folder" else link / "run"
+    lines = [assert_clean_error(run(tiny, out, base=[]), f"--output_dir {out}", f"a symbolic link to {tmp_path / 'gone'}, which does not exist",
+                                "dangling link", "create that folder")]
+    lines.append(assert_clean_error(run(tiny, tmp_path / "out", "--embeddings_cache_dir", out, base=[]), f"--embeddings_cache_dir {out}", "dangling link"))
+    proc = run_script([INFER, "--checkpoint", tiny["prior"], "--prompt", "x", "--output", out / "image.png"], launcher="inprocess", check=False)
+    lines.append(assert_clean_error(proc, f"--output {out / 'image.png'} lies under {link}", "dangling link"))
+    assert all("File exists" not in line for line in lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"] and os.path.islink(link) and not (tmp_path / "gone").exists()

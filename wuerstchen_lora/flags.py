@@ -396,6 +396,36 @@ def inside(path, folder):
     return os.path.commonpath([path, folder]) == folder
 
 
+def dangling_link(path, itself=True):
+    """The first part of `path` (itself, unless itself=False, or a folder above it) that is a
+    symbolic link to nothing, with where it points; None when there is none. os.makedirs on such a
+    path fails with a bare "File exists"."""
+    part = os.path.abspath(path)
+    part = part if itself else os.path.dirname(part)
+    parts = []
+    while True:
+        parts.append(part)
+        parent = os.path.dirname(part)
+        if parent == part:
+            break
+        part = parent
+    for part in reversed(parts):
+        if os.path.islink(part) and not os.path.exists(part):
+            return part, os.readlink(part)
+        if not os.path.exists(part):
+            return None
+    return None
+
+
+def refuse_dangling_link(flag, path, itself=True):
+    found = dangling_link(path, itself)
+    if found:
+        link, target = found
+        where = "is" if link == os.path.abspath(path) else f"lies under {link}, which is"
+        raise UserError(f"{flag} {path} {where} a symbolic link to {target}, which does not exist (a dangling link); "
+                        "create that folder, remove or re-point the link, or choose another path")
+
+
 def read_prior_config(path, revision=None, download=False):
     """The prior's config.json as a dict before any model loads: from a local folder, the hub cache,
     or (download=True) the hub; None when it cannot be had."""
@@ -561,6 +591,9 @@ def check_output_flags(v):
 
     if os.path.isfile(v["output_dir"]):
         raise UserError(f"--output_dir {v['output_dir']} is a file; give a folder")
+    for flag in ("output_dir", "embeddings_cache_dir"):
+        if v[flag]:
+            refuse_dangling_link(f"--{flag}", v[flag])
     for data_flag in ("dataset", "instance_data_dir", "class_data_dir", "validation_dataset"):
         folder = v[data_flag]
         for out_flag in ("output_dir", "embeddings_cache_dir"):

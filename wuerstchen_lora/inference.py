@@ -1,8 +1,11 @@
 """Inference: the prior with a trained LoRA, then the decoder. The usage page is the docstring of
 infer.py, the script that runs `main`."""
 
+import contextlib
 import fractions
+import importlib.util
 import os
+import re
 import sys
 
 import torch
@@ -16,6 +19,7 @@ from wuerstchen_lora.flags import (
     gpu_memory,
     machine_memory,
     number,
+    refuse_dangling_link,
     refuse_size,
     seed_number,
     short_metavars,
@@ -26,6 +30,7 @@ from wuerstchen_lora.models import (
     ADAPTER_NAME,
     DEFAULT_DECODER,
     DEFAULT_PRIOR,
+    DEFAULT_STAGE_C_TIMESTEPS,
     LORA_WEIGHTS_NAME,
     TRAINING_INFO_NAME,
     UserError,
@@ -36,6 +41,7 @@ from wuerstchen_lora.models import (
     load_decoder_pipeline,
     load_lora_checked,
     load_prior_components,
+    output_size_for_training_resolution,
     quiet_library_logs,
     read_training_info,
     save_image,
@@ -45,6 +51,8 @@ from wuerstchen_lora.models import (
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_DECODER_STEPS = 1000  # the decoder's scheduler is continuous in t; past this more steps only take longer
 MAX_SCALE = 1000.0  # --lora_scale and the guidance scales: far past any useful value (4 is usual), short of fp16's overflow
+MAX_PRIOR_STEPS = 1000  # likewise for the prior's scheduler
+DEFAULT_SIZE = 1024  # without a training resolution to go by: the size the released model was trained for
 
 
 def note(message):
@@ -70,10 +78,15 @@ def parse_args(argv=None):
     prompt.add_argument("--prompt", help="the prompt")
     prompt.add_argument("--prompt_file", help="a text file with one prompt per line (blank lines ignored)")
     p.add_argument("--negative_prompt", default=None)
-    p.add_argument("--num_images", type=POSITIVE_INT, default=1, help="images per prompt, generated as one batch")
+    p.add_argument("--num_images", type=POSITIVE_INT, default=1, help="images per prompt")
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=None, help="images generated per call of the prior and decoder (GPU memory grows with it); default: all --num_images of a prompt at once")
     p.add_argument("--seed", type=seed_number(note), default=0, help=f"seed of the generator (reduced into [0, 2**{SEED_LIMIT.bit_length() - 1}) with a note)")
-    p.add_argument("--height", type=number(int), default=1024, help="output height in px (multiple of 128)")
-    p.add_argument("--width", type=number(int), default=1024, help="output width in px (multiple of 128)")
+    size_help = ("output {} in px (multiple of 128); default: the size the LoRA's training resolution maps to "
+                 f"(its {TRAINING_INFO_NAME}: 768 gives 1024, 96 gives 128), else {DEFAULT_SIZE}")
+    p.add_argument("--height", type=number(int), default=None, help=size_help.format("height"))
+    p.add_argument("--width", type=number(int), default=None, help=size_help.format("width"))
+    p.add_argument("--prior_steps", type=number(int, 1, MAX_PRIOR_STEPS), default=None,
+                   help=f"denoising steps of the prior (stage C), evenly spaced; default: the pipeline's tuned {len(DEFAULT_STAGE_C_TIMESTEPS) - 1}-step schedule (DEFAULT_STAGE_C_TIMESTEPS)")
     p.add_argument("--prior_guidance_scale", type=number(float, 0, MAX_SCALE), default=4.0)
     p.add_argument("--decoder_steps", type=number(int, 1, MAX_DECODER_STEPS), default=12)
     p.add_argument("--decoder_guidance_scale", type=number(float, 0, MAX_SCALE), default=0.0)
@@ -83,7 +96,11 @@ def parse_args(argv=None):
     p.add_argument("--decoder_model", default=None, help="default: the training metadata's decoder, else " + DEFAULT_DECODER)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--output", default="demo.png", help="image path: .png, .jpg/.jpeg or .webp (no extension: .png); several images get -0, -1, ... before the suffix")
+    p.add_argument("--cpu_offload", action="store_true", help="keep each model on the CPU until its turn on the GPU (diffusers' enable_model_cpu_offload): less GPU memory, slower; needs CUDA and accelerate")
+    p.add_argument("--output", default=None, help="image path: .png, .jpg/.jpeg or .webp (no extension: .png); several images get -0, -1, ... before the suffix. "
+                   "Default: named after the prompt and seed, in the current folder (a-red-circle-s0.png; with --prompt_file, each prompt's own name). "
+                   "PNG files hold the prompt, seed, LoRA and settings in their text chunks")
+    p.add_argument("--overwrite", action="store_true", help="replace image files that exist already (else they are refused, before any model loads)")
     p.add_argument("--save_merged_prior", default=None, metavar="DIR", help="instead of generating: write the prior with the LoRA (times --lora_scale) merged in, loadable with WuerstchenPrior.from_pretrained")
     for action in p._actions:
         action.help = action.help or INFER_HELP.get(action.dest)
@@ -95,13 +112,15 @@ def parse_args(argv=None):
         raise UserError("give --prompt or --prompt_file (or --save_merged_prior DIR to export a merged prior)")
     for side in ("height", "width"):
         value = getattr(args, side)
+        if value is None:
+            continue  # from the LoRA's training resolution, once its file is found (run)
         if value <= 0:
             raise UserError(f"--{side} {value}: the image size must be positive; give a multiple of 128 such as 1024")
         rounded = max(128, round(fractions.Fraction(value, 128)) * 128)  # exact for any whole number (a float overflows)
         if value != rounded:
             print(f"note: --{side} {value} is not a multiple of 128; using {rounded}", file=sys.stderr)
             setattr(args, side, rounded)
-    if not args.save_merged_prior:
+    if not args.save_merged_prior and args.output is not None:
         check_output_type(args.output)
         check_output_folder(args.output)
     if args.save_merged_prior:
@@ -120,9 +139,21 @@ def parse_args(argv=None):
         args.prompts = [args.prompt]
     args.device = check_device(args.device) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
-    if not args.save_merged_prior:
-        check_generation_size(args)
+    if args.cpu_offload:
+        check_cpu_offload(args)
+    if not args.save_merged_prior and args.height is not None and args.width is not None:
+        check_generation_size(args)  # again in run() once a size left open is known
     return args
+
+
+def check_cpu_offload(args):
+    """--cpu_offload moves each model to the GPU for its turn only (accelerate's hooks): refused
+    before any model loads where there is no CUDA GPU or no accelerate."""
+    if not args.device.startswith("cuda"):
+        why = "no CUDA GPU is visible to torch here" if not torch.cuda.is_available() else f"--device {args.device} is not a CUDA GPU"
+        raise UserError(f"--cpu_offload moves the models between the CPU and a CUDA GPU, but {why}; leave --cpu_offload out")
+    if importlib.util.find_spec("accelerate") is None:
+        raise UserError("--cpu_offload needs the accelerate package, which is not installed here; pip install accelerate, or leave --cpu_offload out")
 
 
 def check_device(name):
@@ -159,27 +190,29 @@ def device_memory(device):
 
 
 def check_generation_size(args):
-    """Refuse, before any model loads, images that cannot fit: the decoder makes all --num_images
-    of a prompt as one batch on the device, and every image is held in RAM until it is written.
-    Lower bounds (the images' own pixels), so what is refused could never run."""
-    n, pixels = args.num_images, 3 * args.height * args.width
+    """Refuse, before any model loads, images that cannot fit: the decoder makes a batch of images
+    (--batch_size, else all --num_images of a prompt) on the device, and every image is held in RAM
+    until all are written. Lower bounds (the images' own pixels), so what is refused could never run."""
+    n, pixels = min(args.batch_size or args.num_images, args.num_images), 3 * args.height * args.width
     element = 2 if args.dtype in ("fp16", "bf16") else 4
     have, where = device_memory(args.device)
     size = f"{args.height}x{args.width}"
     refuse_size(f"--height {args.height} --width {args.width}: one image", pixels * element, have, where,
                 "use a smaller --height and --width (1024x1024 is the size the model was trained for)")
-    refuse_size(f"--num_images {n} at {size}: the decoder's batch of {n:,} images (about {size_text(pixels * element)} each)", n * pixels * element, have, where,
-                f"use --num_images {max(1, have // (pixels * element))} or less, and run again with another --seed for more")
-    count = n * len(args.prompts)
-    ram = machine_memory()
-    refuse_size(f"--num_images {n} x {len(args.prompts)} prompt{'s' * (len(args.prompts) != 1)} at {size}: the {count:,} images, held until they are written",
-                count * pixels, ram, "this machine's memory", "use a smaller --num_images, or split --prompt_file into several runs")
+    fits = max(1, have // (pixels * element)) if have else 1
+    flag, fix = ((f"--batch_size {n}", f"use --batch_size {fits} or less") if args.batch_size else
+                 (f"--num_images {n}", f"use --num_images {fits} or less, and run again with another --seed for more, or --batch_size {fits} to make them {fits} at a time"))
+    refuse_size(f"{flag} at {size}: the decoder's batch of {n:,} images (about {size_text(pixels * element)} each)", n * pixels * element, have, where, fix)
+    count = args.num_images * len(args.prompts)
+    refuse_size(f"--num_images {args.num_images} x {len(args.prompts)} prompt{'s' * (len(args.prompts) != 1)} at {size}: the {count:,} images, held until they are written",
+                count * pixels, machine_memory(), "this machine's memory", "use a smaller --num_images, or split --prompt_file into several runs")
 
 
 def check_output_folder(output):
     """--output's folder, checked before any model loads: a file where a folder must be is refused,
     and so is a folder this process cannot write in (tried with an empty file, removed at once).
     A folder that does not exist yet is made when the image is written."""
+    refuse_dangling_link("--output", output, itself=False)  # a link as the file itself is replaced by the image
     folder = os.path.dirname(os.path.abspath(output))
     existing = folder
     while not os.path.exists(existing):
@@ -244,14 +277,92 @@ def output_paths(output, n):
     return [f"{stem}-{i}{ext or '.png'}" for i in range(n)]
 
 
+def prompt_slug(prompt, limit=60):
+    """A file name from a prompt: its words (letters and digits, any script) joined by '-', lower
+    case, at most `limit` characters, cut at a word; 'image' when nothing is left."""
+    words = re.findall(r"[^\W_]+", prompt.lower())
+    slug = ""
+    for word in words:
+        if len(slug) + len(word) + bool(slug) > limit:
+            break
+        slug += "-" * bool(slug) + word
+    return slug or (words[0][:limit] if words else "image")
+
+
+def default_paths(prompts, seed, n):
+    """The names images get without --output, in the current folder: each prompt's slug and the seed
+    (a-red-circle-s0.png), numbered -0, -1, ... for several images; a prompt whose slug an earlier
+    one has already gets -2, -3, ... after its slug."""
+    paths, seen = [], {}
+    for prompt in prompts:
+        slug = prompt_slug(prompt)
+        seen[slug] = seen.get(slug, 0) + 1
+        stem = f"{slug}{f'-{seen[slug]}' if seen[slug] > 1 else ''}-s{seed}"
+        paths += [f"{stem}.png"] if n == 1 else [f"{stem}-{i}.png" for i in range(n)]
+    return paths
+
+
+def image_paths(args):
+    """Every image's path, prompt by prompt, checked before any model loads: --output numbered, else
+    the prompts' own names; a file there already is refused unless --overwrite."""
+    if args.output is not None:
+        paths = output_paths(output_file(args.output), args.num_images * len(args.prompts))
+    else:
+        paths = default_paths(args.prompts, args.seed, args.num_images)
+        check_output_folder(paths[0])
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not args.overwrite:
+        more = f" and {len(existing) - 1} more of the {len(paths)} images' paths" if len(existing) > 1 else ""
+        fix = "give another --output" if args.output is not None else "give --output PATH or another --seed"
+        raise UserError(f"{existing[0]}{more} exists already; pass --overwrite to replace it, or {fix}")
+    for path in existing:
+        if os.path.isdir(path):
+            raise UserError(f"{path} is a folder, where an image would be written; give another --output")
+    return paths
+
+
+MODEL_FLAGS = {"prior": ("--prior_model", "base_model", DEFAULT_PRIOR), "decoder": ("--decoder_model", "decoder_model", DEFAULT_DECODER)}
+
+
+def base_model(args, info, which):
+    """(name, source) of the base prior or decoder: its flag, else the LoRA's training_info.json,
+    else the hub default ("flag", "info" or "default")."""
+    flag, key, default = MODEL_FLAGS[which]
+    given = getattr(args, flag[2:])
+    if given:
+        return given, "flag"
+    return (info[key], "info") if info.get(key) else (default, "default")
+
+
+@contextlib.contextmanager
+def base_model_errors(args, info, lora_path, which):
+    """A base model that fails to load because it was guessed (no training_info.json beside the LoRA,
+    as with the diffusers example's output): the error says so and names the two flags."""
+    try:
+        yield
+    except UserError as e:
+        name, source = base_model(args, info, which)
+        if source != "default":
+            raise
+        from huggingface_hub import constants
+
+        cause = e.__cause__ or e
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:150]
+        offline = "the hub is offline here (HF_HUB_OFFLINE=1) and it is not in the hub cache; " if constants.HF_HUB_OFFLINE else ""
+        raise UserError(f"could not load the {which} {name} ({reason}): {lora_path} has no {TRAINING_INFO_NAME} beside it (a LoRA from another tool, "
+                        f"such as the diffusers example), so the base models default to {DEFAULT_PRIOR} and {DEFAULT_DECODER}; {offline}"
+                        "give --prior_model and --decoder_model: the models it was trained on, as hub ids or local folders") from e
+
+
 def load_prior_pipeline(args, lora_path):
     """Prior pipeline with the LoRA loaded (checked) and scaled or fused."""
     info = training_info(lora_path) or {}
     dtype = DTYPES[args.dtype]
-    prior_model = args.prior_model or info.get("base_model") or DEFAULT_PRIOR
-    prior, text_encoder, tokenizer, scheduler = load_prior_components(prior_model, None if args.prior_model else info.get("revision"))
+    prior_model, _ = base_model(args, info, "prior")
+    with base_model_errors(args, info, lora_path, "prior"):
+        prior, text_encoder, tokenizer, scheduler = load_prior_components(prior_model, None if args.prior_model else info.get("revision"))
     use_sdpa_attention(prior)
-    prior_pipeline = build_prior_pipeline(prior, text_encoder, tokenizer, scheduler).to(args.device, dtype=dtype)
+    prior_pipeline = build_prior_pipeline(prior, text_encoder, tokenizer, scheduler).to("cpu" if args.cpu_offload else args.device, dtype=dtype)
     load_lora_checked(prior_pipeline, lora_path, adapter_name=ADAPTER_NAME)
     if args.lora_scale == 0:
         # Checked above, then removed: the base prior exactly. A DoRA adapter at scale 0 would still
@@ -269,6 +380,8 @@ def load_prior_pipeline(args, lora_path):
         elif args.lora_scale != 1.0:
             scale_lora(prior_pipeline, args.lora_scale)
     prior_pipeline.set_progress_bar_config(disable=True)
+    if args.cpu_offload:
+        prior_pipeline.enable_model_cpu_offload(gpu_id=torch.device(args.device).index or 0)
     return prior_pipeline
 
 
@@ -293,8 +406,13 @@ def scale_lora(prior_pipeline, scale):
 def load_pipelines(args, lora_path):
     """Prior pipeline with the LoRA, and the decoder pipeline."""
     info = training_info(lora_path) or {}
-    decoder_model = args.decoder_model or info.get("decoder_model") or DEFAULT_DECODER
-    return load_prior_pipeline(args, lora_path), load_decoder_pipeline(decoder_model, dtype=DTYPES[args.dtype], device=args.device)
+    decoder_model, _ = base_model(args, info, "decoder")
+    prior_pipeline = load_prior_pipeline(args, lora_path)
+    with base_model_errors(args, info, lora_path, "decoder"):
+        decoder_pipeline = load_decoder_pipeline(decoder_model, dtype=DTYPES[args.dtype], device="cpu" if args.cpu_offload else args.device)
+    if args.cpu_offload:
+        decoder_pipeline.enable_model_cpu_offload(gpu_id=torch.device(args.device).index or 0)
+    return prior_pipeline, decoder_pipeline
 
 
 def save_merged_prior(args, lora_path):
@@ -350,32 +468,94 @@ def run(args):
     quiet_library_logs()
     lora_path = resolve_lora_path(args.checkpoint, args.revision)
     check_lora_file(lora_path)  # before minutes of model loading
-    training_info(lora_path)  # likewise
+    info = training_info(lora_path) or {}  # likewise
     if args.save_merged_prior:
         return save_merged_prior(args, lora_path)
-    args.output = output_file(args.output)
+    note_base_models(args, info, lora_path)
+    default_size(args, info)
+    check_generation_size(args)
+    paths = image_paths(args)
     prior_pipeline, decoder_pipeline = load_pipelines(args, lora_path)
     note_long_prompts(prior_pipeline.tokenizer, args.prompts, args.negative_prompt)
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    images = generate_images(
-        prior_pipeline,
-        decoder_pipeline,
-        args.prompts,
-        negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
-        num_images_per_prompt=args.num_images,
-        prior_guidance_scale=args.prior_guidance_scale,
-        decoder_steps=args.decoder_steps,
-        decoder_guidance_scale=args.decoder_guidance_scale,
-        generator=generator,
-        check_embeddings=finite_embeddings_check(args, lora_path),
-    )
-    paths = output_paths(args.output, len(images))
-    for image, path in zip(images, paths):
-        save_image(image, path)
+    images, batch = [], args.batch_size or args.num_images
+    for prompt in args.prompts:
+        # Each prompt from --seed: its images are the same when it is run alone (as the file name says).
+        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        for start in range(0, args.num_images, batch):
+            images += generate_images(
+                prior_pipeline,
+                decoder_pipeline,
+                [prompt],
+                negative_prompt=args.negative_prompt,
+                height=args.height,
+                width=args.width,
+                num_images_per_prompt=min(batch, args.num_images - start),
+                prior_guidance_scale=args.prior_guidance_scale,
+                prior_steps=args.prior_steps,
+                decoder_steps=args.decoder_steps,
+                decoder_guidance_scale=args.decoder_guidance_scale,
+                generator=generator,
+                check_embeddings=finite_embeddings_check(args, lora_path),
+            )
+    for i, (image, path) in enumerate(zip(images, paths)):
+        save_image(image, path, image_text(args, info, args.prompts[i // args.num_images], i % args.num_images))
         print(path)
     return paths
+
+
+def note_base_models(args, info, lora_path):
+    """One note when a base model is the hub default because the LoRA has no training_info.json."""
+    guessed = [f"{flag} {name}" for which, (flag, _, _) in MODEL_FLAGS.items() for name, source in [base_model(args, info, which)] if source == "default"]
+    if guessed and not info:
+        note(f"note: {lora_path} has no {TRAINING_INFO_NAME} beside it: using {' and '.join(guessed)} (the hub defaults); "
+             "give --prior_model/--decoder_model if it was trained on others")
+
+
+def default_size(args, info):
+    """--height/--width left out: the size the LoRA's training resolution maps to (a note says so),
+    else 1024."""
+    if args.height is not None and args.width is not None:
+        return
+    resolution, size = info.get("resolution"), DEFAULT_SIZE
+    if isinstance(resolution, int) and not isinstance(resolution, bool) and resolution > 0:
+        size = output_size_for_training_resolution(resolution)
+        if size != DEFAULT_SIZE:
+            note(f"note: generating at {args.height or size}x{args.width or size}, the size the LoRA's training resolution {resolution} maps to "
+                 f"({TRAINING_INFO_NAME}); give --height/--width for another")
+    elif resolution is not None:
+        note(f"note: {TRAINING_INFO_NAME}'s resolution {resolution!r} is not a size in px; generating at {DEFAULT_SIZE} px (give --height/--width)")
+    args.height = args.height or size
+    args.width = args.width or size
+
+
+def image_text(args, info, prompt, index):
+    """What a PNG's text chunks record: enough to make the image again. Keys as named here, plus
+    'parameters', the one-string form other tools (AUTOMATIC1111's web UI and the sites that read it) show."""
+    prior_steps = args.prior_steps or len(DEFAULT_STAGE_C_TIMESTEPS) - 1
+    text = {
+        "prompt": prompt,
+        "negative_prompt": args.negative_prompt or "",
+        "seed": args.seed,
+        "image_index": index,
+        "num_images": args.num_images,
+        "batch_size": args.batch_size or args.num_images,
+        "lora": args.checkpoint,
+        **({"lora_revision": args.revision} if args.revision else {}),
+        "lora_scale": f"{args.lora_scale:g}",
+        "size": f"{args.width}x{args.height}",
+        "prior_steps": prior_steps if args.prior_steps else f"{prior_steps} (DEFAULT_STAGE_C_TIMESTEPS)",
+        "decoder_steps": args.decoder_steps,
+        "prior_guidance_scale": f"{args.prior_guidance_scale:g}",
+        "decoder_guidance_scale": f"{args.decoder_guidance_scale:g}",
+        "prior_model": base_model(args, info, "prior")[0],
+        "decoder_model": base_model(args, info, "decoder")[0],
+        "dtype": args.dtype,
+        "software": "wuerstchen_lora infer.py",
+    }
+    text["parameters"] = (f"{prompt}\n" + (f"Negative prompt: {args.negative_prompt}\n" if args.negative_prompt else "")
+                          + f"Steps: {prior_steps}, Decoder steps: {args.decoder_steps}, CFG scale: {args.prior_guidance_scale:g}, Seed: {args.seed}, "
+                          f"Size: {args.width}x{args.height}, Model: {text['prior_model']}, Lora: {args.checkpoint}, Lora scale: {args.lora_scale:g}")
+    return text
 
 
 def main(argv=None):
