@@ -221,13 +221,15 @@ def generate_images(
     decoder_steps=12,
     decoder_guidance_scale=0.0,
     check_embeddings=None,
+    prior_steps=None,
 ):
     """Prior (with whatever LoRA is attached) -> image embeddings -> decoder -> PIL images.
 
     The single generation path: validation during training and infer.py both call it. One prompt
     at a time: the decoder pipeline repeats its prompt for every embedding it is given.
     `check_embeddings(prompt, embeddings)`, when given, sees each prompt's image embeddings before
-    they are decoded (infer.py refuses non-finite ones there).
+    they are decoded (infer.py refuses non-finite ones there). `prior_steps`: that many evenly
+    spaced prior steps instead of the pipeline's tuned DEFAULT_STAGE_C_TIMESTEPS.
     """
     images = []
     for prompt in prompts:
@@ -236,7 +238,8 @@ def generate_images(
             negative_prompt=negative_prompt,
             height=height,
             width=width,
-            timesteps=DEFAULT_STAGE_C_TIMESTEPS,
+            timesteps=DEFAULT_STAGE_C_TIMESTEPS if prior_steps is None else None,
+            num_inference_steps=prior_steps or 60,
             guidance_scale=prior_guidance_scale,
             num_images_per_prompt=num_images_per_prompt,
             generator=generator,
@@ -329,11 +332,16 @@ def atomic_save_tensors(tensors, path, metadata=None):
         save_file(tensors, tmp, metadata=metadata)
 
 
-def save_png(image, path):
+def save_png(image, path, text=None):
     import io
 
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, str(value))  # iTXt where the value is not Latin-1
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", pnginfo=info)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -347,8 +355,9 @@ def image_formats():
     return formats
 
 
-def save_image(image, path):
-    """Write `image` atomically in the format its extension names (.png, .jpg/.jpeg, .webp)."""
+def save_image(image, path, text=None):
+    """Write `image` atomically in the format its extension names (.png, .jpg/.jpeg, .webp).
+    `text`: {key: value} stored in a PNG's text chunks (the settings it was made with)."""
     import io
 
     ext = os.path.splitext(path)[1].lower()
@@ -356,7 +365,7 @@ def save_image(image, path):
     if fmt is None:
         raise UserError(f"{path}: unsupported image type {ext or '(no extension)'}; use {', '.join(image_formats())}")
     if fmt == "PNG":
-        return save_png(image, path)
+        return save_png(image, path, text)
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format=fmt, quality=95)  # JPEG and WebP have no alpha to keep here
     atomic_write_bytes(path, buffer.getvalue())
