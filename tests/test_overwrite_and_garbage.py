@@ -407,3 +407,23 @@ def test_a_dangling_symlink_output_dir_is_named_so(tiny, tmp_path, no_models, wh
     lines.append(assert_clean_error(proc, f"--output {out / 'image.png'} lies under {link}", "dangling link"))
     assert all("File exists" not in line for line in lines)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link"] and os.path.islink(link) and not (tmp_path / "gone").exists()
+
+
+@pytest.mark.parametrize("targets, unknown", [("to_q,to_kk", "to_kk is"), ("attention,qkv", "attention, qkv are")])
+def test_unknown_lora_target_modules_are_refused_before_models_load(tiny, tmp_path, no_models, targets, unknown):
+    out = tmp_path / "out"
+    assert_clean_error(run(tiny, out, "--lora_target_modules", targets, base=[]), f"--lora_target_modules: {unknown} not the name of any layer of this prior",
+                       "attention.to_q", "channelwise.0", "--lora_targets attn|attn-mlp|all-linear")
+    assert not out.exists()
+
+
+def test_the_prior_layer_names_from_the_config_are_the_models(tiny):
+    from wuerstchen_lora.models import WuerstchenPrior
+
+    config = flags.read_prior_config(tiny["prior"])
+    with torch.device("meta"):
+        prior = WuerstchenPrior.from_config(config)
+    layers = [n for n, m in prior.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert sorted(flags.prior_layer_names(config)) == sorted(layers)
+    for preset in flags.LORA_TARGET_PRESETS.values():
+        flags.check_lora_targets(preset, config)

@@ -474,6 +474,37 @@ def check_lora_rank(rank, targets, config):
          "those layers' updates stay at their width, the extra rank there only adds parameters")
 
 
+def prior_layer_names(config):
+    """The names of the prior's Linear and Conv2d layers (what a LoRA can adapt), from its config:
+    `depth` times a ResBlock, a TimestepBlock and an AttnBlock, with the input, condition and output
+    layers around them (checked against the model built from the config in the tests). None when
+    the config does not say."""
+    depth = (config or {}).get("depth")
+    if not isinstance(depth, int) or depth < 1:
+        return None
+    names = ["projection", "cond_mapper.0", "cond_mapper.2", "out.1"]
+    for i in range(depth):
+        res, timestep, attn = 3 * i, 3 * i + 1, 3 * i + 2
+        names += [f"blocks.{res}.depthwise", f"blocks.{res}.channelwise.0", f"blocks.{res}.channelwise.4", f"blocks.{timestep}.mapper",
+                  f"blocks.{attn}.kv_mapper.1"] + [f"blocks.{attn}.attention.{n}" for n in ("to_q", "to_k", "to_v", "to_out.0")]
+    return names
+
+
+def check_lora_targets(targets, config, flag="--lora_target_modules"):
+    """Every target module names a layer of the prior, matched as peft matches a list (the name
+    itself or its ending after a dot), before any model loads. peft refuses only when no name
+    matches, after the models have loaded, and drops an unknown name beside known ones silently."""
+    names = prior_layer_names(config)
+    if names is None:
+        return
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        endings = sorted({n.split(".", 2)[2] if n.startswith("blocks.") else n for n in names})
+        raise UserError(f"{flag}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not the name of any layer of this prior "
+                        f"(LoRA adapts its Linear and Conv2d layers: {', '.join(endings)}; e.g. blocks.2.attention.to_q); "
+                        "use those names, or --lora_targets attn|attn-mlp|all-linear")
+
+
 def build_config(ns, given=()):
     """Check the parsed flags across each other and resolve what they leave open (alpha, targets,
     optimiser, precision, compilation, hub repo), then freeze them into a TrainConfig. `given`: the
@@ -583,7 +614,9 @@ def resolve_lora_flags(v, given):
         v["lora_target_modules"] = [m.strip() for m in v["lora_target_modules"].split(",") if m.strip()]
         if not v["lora_target_modules"]:
             raise UserError("--lora_target_modules is empty; leave it out to use --lora_targets (default: attention projections)")
-    check_lora_rank(v["rank"], v["lora_target_modules"], read_prior_config(v["pretrained_prior_model_name_or_path"], v["revision"]))
+    config = read_prior_config(v["pretrained_prior_model_name_or_path"], v["revision"])
+    check_lora_targets(v["lora_target_modules"], config)
+    check_lora_rank(v["rank"], v["lora_target_modules"], config)
 
 
 def check_output_flags(v):

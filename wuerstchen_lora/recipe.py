@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # the types Run declares; imported where they are used, after
     from wuerstchen_lora import cache, data, guard, subject, validation
 
 from wuerstchen_lora.config import TrainConfig
-from wuerstchen_lora.flags import check_lora_rank, parse_args, read_prior_config, warn
+from wuerstchen_lora.flags import check_lora_rank, check_lora_targets, parse_args, read_prior_config, warn
 from wuerstchen_lora.models import UserError, atomic_write_json, quiet_library_logs
 from wuerstchen_lora.objective import (
     compute_loss,
@@ -284,7 +284,9 @@ def load_data(cfg, accelerator):
             tokenizer = CLIPTokenizer.from_pretrained(model.pretrained_prior_model_name_or_path, subfolder="tokenizer", revision=model.revision)
         if not os.path.isdir(model.pretrained_prior_model_name_or_path) and read_prior_config(model.pretrained_prior_model_name_or_path, model.revision) is None:
             # Not in the hub cache when the flags were checked: fetch the small config now (the prior needs it anyway).
-            check_lora_rank(cfg.lora.rank, cfg.lora.lora_target_modules, read_prior_config(model.pretrained_prior_model_name_or_path, model.revision, download=True))
+            config = read_prior_config(model.pretrained_prior_model_name_or_path, model.revision, download=True)
+            check_lora_targets(cfg.lora.lora_target_modules, config)
+            check_lora_rank(cfg.lora.rank, cfg.lora.lora_target_modules, config)
     check_caption_prefix(data.caption_prefix, tokenizer)
     sizes, bad = readable_images(cfg, accelerator, dataset, image_column)
     held_out, keep = split_held_out(cfg, accelerator, dataset, sorted(sizes), image_column, caption_column)
