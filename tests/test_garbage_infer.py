@@ -36,10 +36,10 @@ def lora_folder(tmp_path, tensors):
 
 def refused(argv, tmp_path, *needles):
     """infer.py with `argv` ends in one `error:` line holding `needles`, status 2; the file written
-    before at --output stays as it was and no image appears beside it."""
+    before at --output stays as it was (even with --overwrite) and no image appears beside it."""
     output = tmp_path / "earlier.png"
     output.write_bytes(EARLIER)
-    proc = run_script([INFER, *argv, "--output", output, "--device", "cpu"], launcher="inprocess", check=False)
+    proc = run_script([INFER, *argv, "--output", output, "--overwrite", "--device", "cpu"], launcher="inprocess", check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
