@@ -427,3 +427,15 @@ def test_the_prior_layer_names_from_the_config_are_the_models(tiny):
     assert sorted(flags.prior_layer_names(config)) == sorted(layers)
     for preset in flags.LORA_TARGET_PRESETS.values():
         flags.check_lora_targets(preset, config)
+
+
+def test_the_start_lines_say_where_datasets_keeps_its_copy_of_local_data(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "load_frozen_models", lambda *a, **k: (_ for _ in ()).throw(run_guard.UserError("stopped once the data is read")))
+    cache = tmp_path / "datasets-cache"
+    proc = run(tiny, tmp_path / "out", "--cache_dir", cache, base=[])
+    assert_clean_error(proc, "stopped once the data is read")
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("data: a copy of the local data"))
+    assert f"is kept by datasets in {cache}" in line and "MiB, Arrow" in line, line
+    assert any(cache.rglob("*.arrow"))
+    default = run(tiny, tmp_path / "out", base=[])
+    assert "; --cache_dir DIR puts it elsewhere" in next(line for line in default.stdout.splitlines() if line.startswith("data: a copy of the local data"))

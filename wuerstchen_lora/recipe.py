@@ -272,6 +272,9 @@ def load_data(cfg, accelerator):
         warn(f"{data.dataset} holds {loaded['caption_source']} and {loaded['ignored_caption_files']} same-stem caption files: the captions come from "
              f"{loaded['caption_source']} (column {caption_column!r}), the caption files are not read; remove {loaded['caption_source']} to use them")
     accelerator.print(f"captions: {describe_caption_source(cfg, loaded, caption_column)}")
+    where = datasets_cache_line(cfg, dataset)
+    if where:
+        accelerator.print(where)
     if loaded.get("numeric_captions"):
         accelerator.print(f"note: the captions in column {caption_column!r} are numbers ({loaded['numeric_caption_dtype']}); "
                           f"{loaded['numeric_captions']} were converted to text, e.g. {loaded['numeric_caption_example']!r}")
@@ -309,6 +312,20 @@ def load_data(cfg, accelerator):
         report["folder_repeats"] = loaded["folder_repeats"]
         accelerator.print(folder_shares(dataset, loaded, data.repeats))
     return LoadedData(dataset, image_column, caption_column, held_out, row_buckets, report, tokenizer, repeats)
+
+
+def datasets_cache_line(cfg, dataset):
+    """Where `datasets` keeps its Arrow copy of the data (a metadata imagefolder, a .jsonl/.csv/.parquet
+    file, a hub dataset; a folder of caption files is read in memory, without a copy): the start-up
+    line says so, since local data lands in ~/.cache/huggingface/datasets unless --cache_dir is given."""
+    files = [f.get("filename") for f in getattr(dataset, "cache_files", None) or [] if f.get("filename")]
+    if not files:
+        return None
+    folder = os.path.dirname(os.path.commonpath(files)) if len(files) > 1 else os.path.dirname(files[0])
+    size = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+    local = os.path.exists(cfg.data.dataset or "")
+    hint = "; --cache_dir DIR puts it elsewhere" if cfg.data.cache_dir is None else " (--cache_dir)"
+    return f"data: {'a copy of the local data' if local else 'the dataset'} ({size / 2**20:.1f} MiB, Arrow) is kept by datasets in {folder}{hint}"
 
 
 def describe_caption_source(cfg, loaded, caption_column):
