@@ -65,7 +65,7 @@ def test_hub_upload_plan_and_offline_error(trained):
     assert not any(p.startswith(("checkpoint-", "embeddings_cache", "logs")) for p in plan)
     from wuerstchen_lora.config import HubConfig
 
-    with pytest.raises(UserError, match="HF_HUB_OFFLINE=1.*huggingface-cli upload someone/my-lora"):
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE=1.*hf upload someone/my-lora"):
         push_to_hub(HubConfig(push_to_hub=True, hub_model_id="someone/my-lora"), str(trained))
 
 

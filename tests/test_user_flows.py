@@ -51,6 +51,10 @@ def test_the_diffusers_example_readme_command_runs(tiny, tmp_path, monkeypatch):
         def __init__(self, token=None):
             self.token = token
 
+        def whoami(self):  # the login check at the start of the run
+            uploads.append(("whoami", self.token))
+            return {"name": "someone", "auth": {"accessToken": {"role": "write"}}}
+
         def create_repo(self, repo_id, exist_ok=False):
             uploads.append(("create", repo_id))
 
@@ -72,8 +76,9 @@ def test_the_diffusers_example_readme_command_runs(tiny, tmp_path, monkeypatch):
     record = json.loads((out / "args.json").read_text())
     assert record["lora"]["rank"] == 4 and record["validation"]["validation_prompts"] == ["cute dragon creature"]
     assert record["optim"]["mixed_precision"] == "no" and "needs CUDA" in proc.stdout  # fp16 asked for, on a CPU
-    assert uploads[0] == ("create", "wuerstchen-prior-pokemon-lora")
-    assert uploads[1][1] == "wuerstchen-prior-pokemon-lora" and LORA_WEIGHTS_NAME in uploads[1][2]
+    assert uploads[0] == ("whoami", None)  # before training
+    assert uploads[1] == ("create", "wuerstchen-prior-pokemon-lora")
+    assert uploads[2][1] == "wuerstchen-prior-pokemon-lora" and LORA_WEIGHTS_NAME in uploads[2][2]
     assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb logged nothing"
 
 

@@ -247,9 +247,10 @@ def add_output_flags(p):
                    "its files (LoRA, checkpoints, args.json, model card, validation images, logs) are deleted, with a listing, when training starts; "
                    "the embeddings cache and files this trainer did not write stay (without the flag such a run is refused)")
     g.add_argument("--discard_newer_checkpoints", action="store_true", help="with --resume_from_checkpoint an older checkpoint: delete the newer checkpoint-N folders in --output_dir (without it such a resume is refused)")
-    g.add_argument("--push_to_hub", action="store_true", help="upload the LoRA, model card and validation images when training ends (log in with `huggingface-cli login` first)")
+    g.add_argument("--push_to_hub", action="store_true", help="when training ends, upload the LoRA (and EMA LoRA), the model card and its pictures, training_info.json and args.json, "
+                   "never checkpoints, the embeddings cache or logs; the login and the hub are checked at the start: log in with `hf auth login` first")
     g.add_argument("--hub_model_id", default=None, help="hub repo for --push_to_hub (default: the --output_dir folder's name)")
-    g.add_argument("--hub_token", default=None, help="a token for the upload only, never written anywhere; prefer HF_TOKEN or `huggingface-cli login`")
+    g.add_argument("--hub_token", default=None, help="a token for the upload only, never written anywhere; prefer HF_TOKEN or `hf auth login`")
 
     g = p.add_argument_group("validation and logging")
     g.add_argument("--validation_prompts", "--validation_prompt", dest="validation_prompts", nargs="+", default=None, help="prompts rendered with the LoRA attached")
@@ -343,7 +344,7 @@ def hide_hub_token():
     """Take --hub_token's value out of sys.argv once it is read, so that nothing later in this
     process prints or records it (trackers log sys.argv, tracebacks show it). The launcher that
     started the process (accelerate launch) and the process list still have it: HF_TOKEN, or the
-    token file `huggingface-cli login` writes, never show anywhere."""
+    token file `hf auth login` writes, never show anywhere."""
     args = sys.argv
     for i, word in enumerate(args):
         if word == "--hub_token" and i + 1 < len(args):
@@ -524,7 +525,7 @@ def build_config(ns, given=()):
     check_tracker(v["report_to"])
     if v["hub_token"]:
         warn("--hub_token is used for the upload only and never written anywhere, but it shows in your shell history and process list (and in accelerate launch's traceback when a run fails); "
-             "prefer HF_TOKEN or the token file `huggingface-cli login` writes")
+             "prefer HF_TOKEN or the token file `hf auth login` writes")
     if v["validation_epochs"] and v["validation_steps"]:
         raise UserError("--validation_steps and --validation_epochs both say how often to validate; give one")
     if not v["validation_epochs"] and not v["validation_steps"]:

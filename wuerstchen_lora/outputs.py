@@ -609,13 +609,104 @@ def hub_upload_plan(output_dir):
     return files
 
 
+LOGIN_COMMAND = "hf auth login"  # huggingface_hub 1.x and later ship `hf`; `huggingface-cli` is gone
+
+
+def upload_command(repo_id, output_dir):
+    """The `hf upload` command that sends what --push_to_hub would: the folder, less checkpoints, the
+    embeddings cache, logs and every other file that stays local."""
+    plan = set(hub_upload_plan(output_dir))
+    excludes = []
+
+    def leave_out(pattern):
+        if pattern not in excludes:
+            excludes.append(pattern)
+
+    for name in sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []:
+        path = os.path.join(output_dir, name)
+        if not os.path.isdir(path):
+            if name not in plan:
+                leave_out(name)
+            continue
+        inner = sorted(os.listdir(path))
+        if not any(f"{name}/{n}" in plan for n in inner):  # a folder that stays local as a whole
+            leave_out("checkpoint-*" if re.fullmatch(r"checkpoint-\d+", name) else f"{name}/*")
+            continue
+        for n in inner:
+            if f"{name}/{n}" not in plan:
+                leave_out(f"{name}/{n}/*" if os.path.isdir(os.path.join(path, n)) else f"{name}/{n}")
+    return " ".join([f"hf upload {repo_id} {output_dir}"] + [f"--exclude '{e}'" for e in excludes])
+
+
+def check_hub_access(hub, accelerator):
+    """--push_to_hub, at the start of the run (before anything is trained or deleted): the hub must
+    be switched on and reachable, and a token with write access known (--hub_token, HF_TOKEN or the
+    file `hf auth login` writes). One process asks; the others get its answer. Refused with one
+    line naming the fix; else a note says who uploads where at the end."""
+    if not hub.push_to_hub:
+        return
+    message = None
+    if accelerator.is_main_process:
+        try:
+            accelerator.print(hub_login_note(hub))
+        except UserError as e:
+            message = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([message])[0]
+    if message:
+        raise UserError(message)
+
+
+def hub_login_note(hub):
+    """The note for a good login, else a UserError (see check_hub_access)."""
+    from huggingface_hub import HfApi, constants
+
+    later = f"or leave --push_to_hub out and upload when training ends with `hf upload {hub.hub_model_id} OUTPUT_DIR`"
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"--push_to_hub: the hub is switched off here (HF_HUB_OFFLINE=1), so the upload at the end would fail; unset HF_HUB_OFFLINE, {later}")
+    try:
+        who = HfApi(token=hub.hub_token).whoami()
+    except Exception as e:  # no token, a refused token, no network: each has its own remedy
+        raise UserError(hub_login_problem(e, later)) from e
+    role = ((who.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise UserError(f"--push_to_hub: the hub token of {who.get('name')} is read-only, so the upload at the end would fail; "
+                        f"make a write token on https://huggingface.co/settings/tokens and run `{LOGIN_COMMAND}` (or set HF_TOKEN), {later}")
+    name = who.get("name") or "?"
+    repo = hub.hub_model_id if "/" in hub.hub_model_id else f"{name}/{hub.hub_model_id}"
+    return (f"note: --push_to_hub: logged in to the hub as {name}; when training ends the LoRA, the model card and its pictures, "
+            f"training_info.json and args.json go to https://huggingface.co/{repo} (not checkpoints, the embeddings cache or logs)")
+
+
+def hub_login_problem(e, later):
+    """The message for a failed whoami: not logged in, a token the hub refuses, or no hub."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    if isinstance(e, LocalTokenNotFoundError):
+        return (f"--push_to_hub: not logged in to the hub, so the upload at the end would fail; run `{LOGIN_COMMAND}` "
+                f"(or set HF_TOKEN, or give --hub_token), {later}")
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(e, HfHubHTTPError) and status == 401:
+        return (f"--push_to_hub: the hub refused the token ({first_text_line(e)}); run `{LOGIN_COMMAND} --force` with a valid write token "
+                f"(or fix HF_TOKEN or --hub_token), {later}")
+    return (f"--push_to_hub: the hub could not be reached ({type(e).__name__}: {first_text_line(e)}); check the connection "
+            f"(and HF_ENDPOINT), {later}")
+
+
+def first_text_line(e):
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:150]
+
+
 def push_to_hub(hub, output_dir):
     """Upload the plan above to --hub_model_id (`hub`: HubConfig). The token is --hub_token, else
-    what `huggingface-cli login` or HF_TOKEN gives huggingface_hub."""
+    what `hf auth login` or HF_TOKEN gives huggingface_hub."""
     from huggingface_hub import HfApi
     from huggingface_hub.constants import HF_HUB_OFFLINE
 
-    later = f"the files are in {output_dir}; upload them later with `huggingface-cli upload {hub.hub_model_id} {output_dir}`"
+    later = f"the files are in {output_dir}; upload them later with `{upload_command(hub.hub_model_id, output_dir)}`"
     if HF_HUB_OFFLINE:
         raise UserError(f"--push_to_hub: the hub is switched off here (HF_HUB_OFFLINE=1); {later}")
     files = hub_upload_plan(output_dir)
@@ -626,4 +717,4 @@ def push_to_hub(hub, output_dir):
                           commit_message="Upload Wuerstchen prior LoRA")
     except Exception as e:  # network, authentication and permission errors all leave the same remedy
         raise UserError(f"--push_to_hub {hub.hub_model_id} failed ({type(e).__name__}: {str(e).splitlines()[0][:150]}); {later}") from e
-    print(f"uploaded {len(files)} files to https://huggingface.co/{hub.hub_model_id}")
+    print(f"uploaded {len(files)} files to https://huggingface.co/{hub.hub_model_id}: {', '.join(files)}")

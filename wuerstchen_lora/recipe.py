@@ -33,6 +33,7 @@ from wuerstchen_lora.objective import (
     step_seed,
 )
 from wuerstchen_lora.outputs import (
+    check_hub_access,
     delete_earlier_run,
     list_checkpoints,
     push_to_hub,
@@ -631,6 +632,7 @@ def setup(cfg):
     from wuerstchen_lora.guard import guard_run
 
     run = Run(cfg=cfg, accelerator=make_accelerator(cfg))
+    check_hub_access(cfg.hub, run.accelerator)  # --push_to_hub: login and hub checked before anything is trained or deleted
     # The output-folder lock; the checkpoint checked, or a new run's folder found free of an earlier run, before anything loads.
     start = guard_run(cfg, run.accelerator)
     run.resume_plan, run.run_id, run.earlier_files = start.plan, start.run_id, start.earlier_files
