@@ -362,7 +362,8 @@ def load_prior_pipeline(args, lora_path):
     with base_model_errors(args, info, lora_path, "prior"):
         prior, text_encoder, tokenizer, scheduler = load_prior_components(prior_model, None if args.prior_model else info.get("revision"))
     use_sdpa_attention(prior)
-    prior_pipeline = build_prior_pipeline(prior, text_encoder, tokenizer, scheduler).to("cpu" if args.cpu_offload else args.device, dtype=dtype)
+    offload = getattr(args, "cpu_offload", False)  # bench/world.py passes a namespace of its own, without it
+    prior_pipeline = build_prior_pipeline(prior, text_encoder, tokenizer, scheduler).to("cpu" if offload else args.device, dtype=dtype)
     load_lora_checked(prior_pipeline, lora_path, adapter_name=ADAPTER_NAME)
     if args.lora_scale == 0:
         # Checked above, then removed: the base prior exactly. A DoRA adapter at scale 0 would still
@@ -380,7 +381,7 @@ def load_prior_pipeline(args, lora_path):
         elif args.lora_scale != 1.0:
             scale_lora(prior_pipeline, args.lora_scale)
     prior_pipeline.set_progress_bar_config(disable=True)
-    if args.cpu_offload:
+    if offload:
         prior_pipeline.enable_model_cpu_offload(gpu_id=torch.device(args.device).index or 0)
     return prior_pipeline
 
