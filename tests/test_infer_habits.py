@@ -97,6 +97,19 @@ def test_cpu_offload_is_refused_without_cuda_or_accelerate(trained, monkeypatch)
         infer.parse_args(argv)
 
 
+def test_cpu_offload_keeps_the_models_on_the_cpu_and_hands_them_to_diffusers(trained, monkeypatch):
+    """No GPU here: the pipelines are built on the CPU and given to enable_model_cpu_offload (recorded)."""
+    from diffusers import DiffusionPipeline
+
+    offloaded = []
+    monkeypatch.setattr(DiffusionPipeline, "enable_model_cpu_offload", lambda self, gpu_id=None, device=None: offloaded.append((type(self).__name__, gpu_id)))
+    args = infer.parse_args(["--checkpoint", str(trained), "--prompt", "x", "--device", "cpu"])
+    args.device, args.cpu_offload = "cuda:1", True  # as parse_args leaves them on a machine with two GPUs
+    prior_pipeline, decoder_pipeline = infer.load_pipelines(args, infer.resolve_lora_path(args.checkpoint))
+    assert offloaded == [("WuerstchenPriorPipeline", 1), ("WuerstchenDecoderPipeline", 1)]
+    assert prior_pipeline.prior.device.type == decoder_pipeline.decoder.device.type == "cpu"
+
+
 def test_a_lora_without_training_info_names_the_model_flags_offline(trained, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
