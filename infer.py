@@ -6,7 +6,9 @@
     python infer.py --checkpoint someone/my-wuerstchen-lora --revision main --prompt "yoda pokemon"   # a LoRA on the hub
 
 The base prior and decoder come from the `training_info.json` that training wrote beside the LoRA
-file (else the hub defaults); `--prior_model`/`--decoder_model` override them.
+file (else the hub defaults); `--prior_model`/`--decoder_model` override them. So does the default
+size (the one the training resolution maps to). Without --output the images are named after the
+prompt and seed (a-red-circle-s0.png); an existing file is replaced only with --overwrite.
 """
 
 import sys
