@@ -168,7 +168,17 @@ def main(argv=None):
         rows.pop("the diffusers example", None)
         rows.pop("the diffusers example, at its training scale", None)
     results = {name: [] for name in rows}
-    for seed in a.seeds:
+
+    def write(done):
+        """results.json and results.md after every seed: an interrupted run keeps what it measured."""
+        report = {"command": shlex.join([sys.executable, "-m", "bench.learning"] + (argv if argv is not None else sys.argv[1:])),
+                  "seconds": round(time.time() - t0), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+                  "settings": dict(vars(a), seeds=done), "base": base, "runs": results}
+        (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
+        (out / "results.md").write_text(markdown(report))
+        return report
+
+    for i, seed in enumerate(a.seeds):
         for name, flags in rows.items():
             t = time.time()
             folder = out / "runs" / f"{name.replace(' ', '_').replace(',', '').replace('+', 'plus').replace(chr(39), '')}-seed{seed}"
@@ -199,11 +209,7 @@ def main(argv=None):
             results[name].append(r)
             print(f"seed {seed} {name}: concept {r['concept']:.2f} old {r['old']:.2f} curve {r['curve']} "
                   f"{sps:.4f} s/step ({time.time() - t:.0f} s)", flush=True)
-    report = {"command": shlex.join([sys.executable, "-m", "bench.learning"] + (argv if argv is not None else sys.argv[1:])),
-              "seconds": round(time.time() - t0), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-              "settings": vars(a), "base": base, "runs": results}
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "results.md").write_text(markdown(report))
+        report = write(a.seeds[: i + 1])
     print(markdown(report))
     return 0
 
