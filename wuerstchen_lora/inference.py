@@ -293,11 +293,14 @@ def default_paths(prompts, seed, n):
     """The names images get without --output, in the current folder: each prompt's slug and the seed
     (a-red-circle-s0.png), numbered -0, -1, ... for several images; a prompt whose slug an earlier
     one has already gets -2, -3, ... after its slug."""
-    paths, seen = [], {}
+    paths, stems = [], set()
     for prompt in prompts:
-        slug = prompt_slug(prompt)
-        seen[slug] = seen.get(slug, 0) + 1
-        stem = f"{slug}{f'-{seen[slug]}' if seen[slug] > 1 else ''}-s{seed}"
+        slug, count = prompt_slug(prompt), 1
+        stem = f"{slug}-s{seed}"
+        while stem in stems:  # the same words again (or "a b" twice beside "a b 2")
+            count += 1
+            stem = f"{slug}-{count}-s{seed}"
+        stems.add(stem)
         paths += [f"{stem}.png"] if n == 1 else [f"{stem}-{i}.png" for i in range(n)]
     return paths
 
@@ -314,7 +317,7 @@ def image_paths(args):
     if existing and not args.overwrite:
         more = f" and {len(existing) - 1} more of the {len(paths)} images' paths" if len(existing) > 1 else ""
         fix = "give another --output" if args.output is not None else "give --output PATH or another --seed"
-        raise UserError(f"{existing[0]}{more} exists already; pass --overwrite to replace it, or {fix}")
+        raise UserError(f"{existing[0]}{more} exist{'s' * (not more)} already; pass --overwrite to replace {'them' if more else 'it'}, or {fix}")
     for path in existing:
         if os.path.isdir(path):
             raise UserError(f"{path} is a folder, where an image would be written; give another --output")
