@@ -34,7 +34,7 @@ demo: setup
 		--max_train_steps 150 --learning_rate 1e-3 --checkpointing_steps 75 \
 		--validation_prompts "a zorb" --validation_steps 75 --output_dir $(DEMO)/lora --overwrite_output_dir
 	$(PY) -m bench.world score $(DEMO)/world --lora $(DEMO)/lora
-	$(PY) infer.py --checkpoint $(DEMO)/lora --prompt "a zorb" --height 128 --width 128 --output $(DEMO)/demo.png
+	$(PY) infer.py --checkpoint $(DEMO)/lora --prompt "a zorb" --height 128 --width 128 --output $(DEMO)/demo.png --overwrite
 
 clean:
 	rm -rf $(DEMO)
