@@ -24,7 +24,7 @@ import uuid
 import zipfile
 from typing import Optional
 
-from wuerstchen_lora.models import LORA_WEIGHTS_NAME, TRAINING_INFO_NAME, UserError
+from wuerstchen_lora.models import LORA_WEIGHTS_NAME, TRAINING_INFO_NAME, UserError, decided_on_main
 from wuerstchen_lora.outputs import (
     CHECKPOINT_RE,
     TRAINER_ID,
@@ -613,18 +613,8 @@ def guard_run(cfg, accelerator):
     if here:
         return RunStart(plan, plan.state.get("run_id"))
     # A new run, or a checkpoint from another folder continued in this one: this one must not hold an earlier run.
-    earlier, message = (), None
-    if accelerator.is_main_process:  # one process decides (and later deletes): the others might see it half-done
-        try:
-            earlier = fresh_output_dir(cfg.output)
-        except UserError as e:
-            message = str(e)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        message = broadcast_object_list([message])[0]
-    if message:
-        raise UserError(message)
+    # One process decides (and later deletes): the others might see it half-done.
+    earlier = decided_on_main(accelerator, lambda: fresh_output_dir(cfg.output), default=())
     return RunStart(plan, plan.state.get("run_id") if plan else uuid.uuid4().hex, earlier)
 
 

@@ -79,6 +79,26 @@ class UserError(Exception):
     """A mistake the user can fix; the scripts print its message on one line and exit with status 2."""
 
 
+def decided_on_main(accelerator, check, default=None):
+    """Runs check() on the main process only (it reads or deletes shared files, or asks the hub)
+    and makes its UserError every process's: the message is broadcast and all raise it, so no
+    rank waits forever for a rank that stopped. Returns check()'s result on the main process and
+    `default` on the others. accelerate has no helper for a shared refusal, hence this one."""
+    result, message = default, None
+    if accelerator.is_main_process:
+        try:
+            result = check()
+        except UserError as e:
+            message = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([message])[0]
+    if message:
+        raise UserError(message)
+    return result
+
+
 # ----------------------------------------------------------------------------------------------
 # Image encoder (Stage C's "EfficientNet" condition)
 

@@ -20,6 +20,7 @@ from wuerstchen_lora.models import (
     UserError,
     atomic_write_bytes,
     atomic_write_json,
+    decided_on_main,
     lora_config_dict,
     lora_digest,
     output_size_for_training_resolution,
@@ -645,18 +646,7 @@ def check_hub_access(hub, accelerator):
     line naming the fix; else a note says who uploads where at the end."""
     if not hub.push_to_hub:
         return
-    message = None
-    if accelerator.is_main_process:
-        try:
-            accelerator.print(hub_login_note(hub))
-        except UserError as e:
-            message = str(e)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        message = broadcast_object_list([message])[0]
-    if message:
-        raise UserError(message)
+    decided_on_main(accelerator, lambda: accelerator.print(hub_login_note(hub)))
 
 
 def hub_login_note(hub):
