@@ -203,8 +203,8 @@ def build_world(root, seed=0, pretrain_steps=1500, per_class=48, concept_images=
     from diffusers import DDPMWuerstchenScheduler
     from transformers import CLIPTextModel
 
-    from tools.make_tiny_models import _wuerstchen_classes, build_tokenizer, make_decoder_repo, make_image_encoder, make_prior_repo
-    from wuerstchen_lora.models import load_image_encoder
+    from tools.make_tiny_models import build_tokenizer, make_decoder_repo, make_image_encoder, make_prior_repo
+    from wuerstchen_lora.models import WuerstchenPrior, load_image_encoder
 
     root = Path(root)
     paths = {k: str(root / v) for k, v in dict(prior_repo="prior_repo", decoder_repo="decoder_repo", image_encoder="effnet.safetensors",
@@ -222,7 +222,6 @@ def build_world(root, seed=0, pretrain_steps=1500, per_class=48, concept_images=
     calibrate_encoder(paths["image_encoder"], [im for k, look in enumerate(looks) for im in class_images(look, 8, seed * 1000 + 300 + k)])
     encoder = load_image_encoder(paths["image_encoder"])
     torch.manual_seed(seed)
-    WuerstchenPrior = _wuerstchen_classes()[0]
     prior = WuerstchenPrior(**PRIOR_CONFIG)
     with torch.no_grad():  # the output is (x - a) / |1 - b|: start from small a, b (a b near 1 explodes)
         prior.out[1].weight.normal_(0.0, 0.02)
