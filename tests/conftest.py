@@ -75,6 +75,29 @@ class OneProcess:
         pass
 
 
+def assert_clean_error(proc, *needles, status=2):
+    """A refused run: the exit status, no traceback, one `error:` line holding each needle; returns
+    that line."""
+    assert proc.returncode == status, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Refusals must come before any model loads: loading one fails the test."""
+    from wuerstchen_lora import recipe
+
+    def boom(*a, **k):
+        raise AssertionError("models were loaded before the refusal")
+
+    monkeypatch.setattr(recipe, "load_frozen_models", boom)
+
+
 def prior_output(prior, seed=0):
     """The prior's output (eval mode, no grad) on a fixed random input: compares two priors."""
     import torch

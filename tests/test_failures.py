@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, run_script, script_env, train_args
+from conftest import ROOT, assert_clean_error, run_script, script_env, train_args
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -18,15 +18,6 @@ from wuerstchen_lora import inference as infer
 from wuerstchen_lora import models as wuerstchen_models
 from wuerstchen_lora import recipe as trainer
 from wuerstchen_lora.models import LORA_WEIGHTS_NAME
-
-
-def assert_clean_error(proc, *needles, status=2):
-    assert proc.returncode == status, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in error_lines[0], error_lines[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from conftest import INFER, run_script, train_args
+from conftest import INFER, assert_clean_error, run_script, train_args
 
 from wuerstchen_lora import flags
 from wuerstchen_lora import guard as run_guard
@@ -52,22 +52,6 @@ def snapshot(folder):
 
 def run(tiny, out, *extra, steps=STEPS, base=BASE):
     return run_script(train_args(tiny, out, steps=steps, extra=list(base) + list(extra)), launcher="inprocess", check=False)
-
-
-def assert_clean_error(proc, *needles, status=2):
-    assert proc.returncode == status, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture
-def no_models(monkeypatch):
-    """Refusals must come before any model loads."""
-    monkeypatch.setattr(trainer, "load_frozen_models", lambda *a, **k: pytest.fail("models were loaded before the refusal"))
 
 
 def foreign_checkpoint(folder, step):

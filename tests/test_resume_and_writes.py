@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_script, train_args
+from conftest import assert_clean_error, run_script, train_args
 
 from wuerstchen_lora import guard as run_guard
 from wuerstchen_lora import recipe as trainer
@@ -53,25 +53,6 @@ def snapshot(folder):
 
 def run(tiny, out, *extra, steps=STEPS, dataset=None):
     return run_script(train_args(tiny, out, dataset=dataset, steps=steps, extra=BASE + list(extra)), launcher="inprocess", check=False)
-
-
-def assert_clean_error(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture
-def no_models(monkeypatch):
-    """Refusals must come before any model loads."""
-    def boom(*a, **k):
-        raise AssertionError("models were loaded before the refusal")
-
-    monkeypatch.setattr(trainer, "load_frozen_models", boom)
 
 
 # ---------------------------------------------------------------------------------------------
