@@ -2,6 +2,7 @@
 """Speed and memory figures for LoRA training of the Wuerstchen v2 prior (Stage C); see bench/README.md.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.benchmark --out /tmp/bench                 # CPU, scaled prior
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/benchmark.py --out /tmp/bench                  # the same
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.benchmark --out /tmp/bench --steps 24 --min_run_time 1  # short
     .venv/bin/python -m bench.benchmark --device cuda --out /tmp/gpu                       # real prior, one GPU
     .venv/bin/python -m bench.benchmark --smoke_device_path --out /tmp/smoke              # GPU code path, tiny, CPU
@@ -28,9 +29,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
+from dataclasses import dataclass
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/benchmark.py` as well as `python -m bench.benchmark`
+    sys.path.insert(0, str(ROOT))
 for _key, _value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("KINETO_LOG_LEVEL", "5")):
     os.environ.setdefault(_key, _value)  # KINETO_LOG_LEVEL: no profiler start/stop lines
 
@@ -96,6 +100,17 @@ def build_prior(cfg, device="cpu", seed=0):
     return prior
 
 
+@dataclass(frozen=True)
+class BareStep:
+    """What bare_step builds: `step()` runs one training step; the rest is for the memory figures."""
+
+    step: Callable[[], None]
+    prior: torch.nn.Module
+    params: list
+    optimizer: torch.optim.Optimizer
+    inputs: tuple  # (embeddings, noise, timesteps, text)
+
+
 def bare_step(cfg, device, precision, rank, batch, grid, kind="lora", checkpointing=False, seed=0):
     """The bare floor: one training step with the trainer's own pieces on one fixed batch (embeddings,
     text, noise, timesteps), nothing else: no data, encoders, clipping or logging.
@@ -140,7 +155,7 @@ def bare_step(cfg, device, precision, rank, batch, grid, kind="lora", checkpoint
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    return SimpleNamespace(step=step, prior=prior, params=params, optimizer=optimizer, inputs=(emb, noise, t, text))
+    return BareStep(step=step, prior=prior, params=list(params), optimizer=optimizer, inputs=(emb, noise, t, text))
 
 
 def time_it(fn, min_run_time):
